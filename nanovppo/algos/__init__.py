@@ -1,0 +1,1 @@
+"""RL algorithms: how experience is built from scored completions, and the loss."""

