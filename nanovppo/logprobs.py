@@ -40,16 +40,15 @@ def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
 
 
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float() / temperature   # [b, C, V]
-    logz = torch.logsumexp(logits, dim=-1)                     # [b, C]
-    return logits.gather(-1, targets[..., None]).squeeze(-1) - logz  # [b, C]
-
-
-@torch.no_grad()
-def _chunk_entropy(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    logp = F.log_softmax(F.linear(hidden, weight).float() / temperature, dim=-1)  # [b, C, V]
-    return -(logp.exp() * logp).sum(-1)                                          # [b, C]
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of ``targets`` and the entropy of the distributions, both [b, C]."""
+    logits = F.linear(hidden, weight).float() / temperature        # [b, C, V]
+    logz = torch.logsumexp(logits, dim=-1)                          # [b, C]
+    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - logz  # [b, C]
+    with torch.no_grad():
+        probs = torch.exp(logits - logz[..., None])                 # [b, C, V]
+        entropy = logz - (probs * logits).sum(-1)                   # [b, C]
+    return logp, entropy
 
 
 def completion_logprobs(model, batch: Batch, temperature: float = 1.0, chunk_rows: int = 4,
@@ -61,21 +60,81 @@ def completion_logprobs(model, batch: Batch, temperature: float = 1.0, chunk_row
                                  position_ids=positions).last_hidden_state  # [B, P + C, H]
     hidden = hidden[:, P - 1:-1]                                           # [B, C, H]
     targets = ids[:, P:]                                                   # [B, C]
+    return _head_logprobs(model, hidden, targets, batch.completion_mask, temperature,
+                          chunk_rows, with_entropy)
+
+
+class GroupBatch(NamedTuple):
+    """Micro-batch of whole groups: each prompt once, then its completions."""
+
+    prompt_ids: torch.Tensor       # [G, P] left-padded
+    prompt_mask: torch.Tensor      # [G, P]
+    completion_ids: torch.Tensor   # [B, C] right-padded, B = sum of group sizes
+    completion_mask: torch.Tensor  # [B, C] float, 1 on real tokens
+    group_index: torch.Tensor      # [B] the group (prompt row) of each completion
+
+
+def pad_groups(prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int) -> GroupBatch:
+    G, P = len(prompts), max(len(p) for p in prompts)
+    flat = [c for group in completions for c in group]
+    B, C = len(flat), max(1, max(len(c) for c in flat))
+    pids = torch.full((G, P), pad_id, dtype=torch.long)
+    pmask = torch.zeros((G, P), dtype=torch.long)
+    for g, p in enumerate(prompts):
+        pids[g, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        pmask[g, P - len(p):] = 1
+    cids = torch.full((B, C), pad_id, dtype=torch.long)
+    cmask = torch.zeros((B, C), dtype=torch.float32)
+    for r, c in enumerate(flat):
+        cids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
+        cmask[r, :len(c)] = 1.0
+    index = torch.tensor([g for g, group in enumerate(completions) for _ in group])
+    return GroupBatch(pids, pmask, cids, cmask, index)
+
+
+def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_rows: int = 4,
+                   with_entropy: bool = False):
+    """Like ``completion_logprobs``, but each prompt is run once for its whole group.
+
+    The prompt's keys and values (with their autograd history) are computed once and
+    shared by its completions, so a group of n samples costs one prompt forward and
+    backward instead of n: for GRPO on short completions most of the tokens are prompt.
+    """
+    from transformers import DynamicCache
+
+    decoder = model.get_decoder()
+    pids, pmask, cids, cmask, index = batch
+    ppos = (pmask.cumsum(-1) - 1).clamp(min=0)                              # [G, P]
+    cache = DynamicCache(config=model.config)
+    h_prompt = decoder(input_ids=pids, attention_mask=pmask, position_ids=ppos,
+                       past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # [G, H]
+    cache.batch_select_indices(index)                                       # [B, ...] shared
+    attn = torch.cat([pmask[index], cmask.long()], dim=1)                   # [B, P + C]
+    cpos = ppos[index, -1:] + 1 + torch.arange(cids.shape[1])[None]         # [B, C]
+    h_comp = decoder(input_ids=cids, attention_mask=attn, position_ids=cpos,
+                     past_key_values=cache, use_cache=True).last_hidden_state  # [B, C, H]
+    # The state before completion token j is the prompt's last state (j = 0) or the
+    # completion's state at j - 1.
+    hidden = torch.cat([h_prompt[index][:, None], h_comp[:, :-1]], dim=1)  # [B, C, H]
+    return _head_logprobs(model, hidden, cids, cmask, temperature, chunk_rows, with_entropy)
+
+
+def _head_logprobs(model, hidden, targets, cmask, temperature, chunk_rows, with_entropy):
+    """Apply the output head to ``hidden`` [B, C, H] in chunks of rows; see module doc."""
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("output heads with a bias are not supported")
-    weight = head.weight
     logps, ents = [], []
-    for i in range(0, ids.shape[0], chunk_rows):
+    for i in range(0, hidden.shape[0], chunk_rows):
         h, t = hidden[i:i + chunk_rows], targets[i:i + chunk_rows]
         if torch.is_grad_enabled():
-            logps.append(checkpoint(_chunk_logprobs, h, weight, t, temperature,
-                                    use_reentrant=False))
+            logp, ent = checkpoint(_chunk_logprobs, h, head.weight, t, temperature,
+                                   use_reentrant=False)
         else:
-            logps.append(_chunk_logprobs(h, weight, t, temperature))
-        if with_entropy:
-            ents.append(_chunk_entropy(h.detach(), weight.detach(), temperature))
-    logp = torch.cat(logps) * batch.completion_mask                       # [B, C]
+            logp, ent = _chunk_logprobs(h, head.weight, t, temperature)
+        logps.append(logp)
+        ents.append(ent)
+    logp = torch.cat(logps) * cmask                                  # [B, C]
     if with_entropy:
-        return logp, torch.cat(ents) * batch.completion_mask
+        return logp, torch.cat(ents) * cmask
     return logp

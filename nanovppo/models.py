@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from nanovppo.errors import ConfigError, NanovppoError
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-class ModelNotFoundError(RuntimeError):
+class ModelNotFoundError(NanovppoError):
     """The configured model cannot be found or reached."""
 
 
@@ -29,7 +30,7 @@ def to_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[str(name)]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}") from None
+        raise ConfigError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}") from None
 
 
 def package_dir(package: str) -> Path:
@@ -111,7 +112,7 @@ def load_model(cfg, dtype: str = "float32"):
             raise ModelNotFoundError(f"model directory {path} does not exist")
         model, tok = _from_pretrained(path, torch_dtype)
     else:
-        raise ValueError(f"model.source must be hub, dir, gguf or tiny_random, not {source!r}")
+        raise ConfigError(f"model.source must be hub, dir, gguf or tiny_random, not {source!r}")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

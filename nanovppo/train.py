@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +27,15 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from nanovppo import checkpoint as ckpt
+from nanovppo.errors import ConfigError, NanovppoError
 from nanovppo.engines.base import Completion, Sampling
-from nanovppo.logprobs import completion_logprobs, pad_batch
+from nanovppo.logprobs import group_logprobs, pad_groups
 from nanovppo.models import load_model, to_dtype
 from nanovppo.tracking import Tracker, default_tracking_uri, flatten
 
@@ -49,6 +52,7 @@ class Sample:
     advantage: float
     reward: float
     truncated: bool
+    group: int  # index of the prompt this completion answers
 
 
 # ----------------------------------------------------------------------------------------
@@ -112,22 +116,50 @@ def score_groups(task, groups: list[list[Completion]], examples: list[dict]):
 # ----------------------------------------------------------------------------------------
 
 def micro_batches(samples: list[Sample], size: int) -> list[list[Sample]]:
-    """Split into micro-batches of similar lengths, so little padding is computed."""
-    order = sorted(samples, key=lambda s: (len(s.prompt_ids) + len(s.completion_ids)))
-    return [order[i:i + size] for i in range(0, len(order), size)]
+    """Pack whole groups into micro-batches of at most ``size`` sequences (at least one
+    group each), groups of similar length together so little padding is computed."""
+    groups: dict[int, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.group, []).append(s)
+    ordered = sorted(groups.values(),
+                     key=lambda g: len(g[0].prompt_ids) + max(len(s.completion_ids) for s in g))
+    out: list[list[Sample]] = []
+    for g in ordered:
+        if out and len(out[-1]) + len(g) <= size:
+            out[-1].extend(g)
+        else:
+            out.append(list(g))
+    return out
 
 
 def _logprobs(model, mb: list[Sample], pad_id: int, cfg, with_entropy=False):
-    batch = pad_batch([s.prompt_ids for s in mb], [s.completion_ids for s in mb], pad_id)
+    """Log-probs [b, C] of a micro-batch (entropy too if asked), each prompt run once."""
+    prompts, completions, seen = [], [], {}
+    for s in mb:  # samples of a group are adjacent (see micro_batches)
+        if s.group not in seen:
+            seen[s.group] = len(prompts)
+            prompts.append(s.prompt_ids)
+            completions.append([])
+        completions[seen[s.group]].append(s.completion_ids)
+    batch = pad_groups(prompts, completions, pad_id)
     with autocast_ctx(cfg):
-        out = completion_logprobs(model, batch, cfg.rollout.temperature,
-                                  cfg.trainer.logprob_chunk_rows, with_entropy)
+        out = group_logprobs(model, batch, cfg.rollout.temperature,
+                             cfg.trainer.logprob_chunk_rows, with_entropy)
     return out, batch
 
 
 @torch.no_grad()
 def precompute_logprobs(model, batches, pad_id, cfg) -> list[torch.Tensor]:
     return [_logprobs(model, mb, pad_id, cfg)[0] for mb in batches]
+
+
+def split_groups(samples: list[Sample], parts: int, rng: random.Random) -> list[list[Sample]]:
+    """Shuffle the groups and deal them into ``parts`` minibatches (a group is never split)."""
+    ids = sorted({s.group for s in samples})
+    rng.shuffle(ids)
+    per = math.ceil(len(ids) / parts)
+    chunks = [set(ids[i:i + per]) for i in range(0, len(ids), per)]
+    return [[s for s in samples if s.group in chunk] for chunk in chunks]
 
 
 def update(policy, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int, step: int) -> dict:
@@ -139,18 +171,14 @@ def update(policy, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int
     # With one pass and one minibatch the policy has not moved since sampling, so the
     # "old" log-probs are the current ones (detached): no extra forward is needed.
     reuse_current = algo.ppo_epochs == 1 and algo.num_minibatches == 1
-    n_micro = sum(math.ceil(len(samples) / algo.num_minibatches / cfg.trainer.micro_batch_size)
-                  for _ in range(algo.num_minibatches)) * algo.ppo_epochs
-    bar = tqdm(total=n_micro, desc="update", unit="mb", leave=False,
-               disable=not cfg.trainer.progress)
+    plan = [[micro_batches(mb, cfg.trainer.micro_batch_size)
+             for mb in split_groups(samples, algo.num_minibatches, rng)]
+            for _ in range(algo.ppo_epochs)]
+    bar = tqdm(total=sum(len(b) for epoch in plan for b in epoch), desc="update", unit="mb",
+               leave=False, disable=not cfg.trainer.progress)
     policy.train()
-    for epoch in range(algo.ppo_epochs):
-        shuffled = samples[:]
-        rng.shuffle(shuffled)
-        per_mb = math.ceil(len(shuffled) / algo.num_minibatches)
-        minibatches = [shuffled[i:i + per_mb] for i in range(0, len(shuffled), per_mb)]
-        for minibatch in minibatches:
-            batches = micro_batches(minibatch, cfg.trainer.micro_batch_size)
+    for epoch, minibatches in enumerate(plan):
+        for batches in minibatches:
             old = None if reuse_current else precompute_logprobs(policy, batches, pad_id, cfg)
             refs = precompute_logprobs(ref, batches, pad_id, cfg) if ref is not None else None
             masks = [_train_mask(mb, algo) for mb in batches]
@@ -158,7 +186,7 @@ def update(policy, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int
             n_seqs = max(1.0, float(sum((m.sum(-1) > 0).sum().item() for m in masks)))
             optimizer.zero_grad(set_to_none=True)
             for i, mb in enumerate(batches):
-                (logp, ent), batch = _logprobs(policy, mb, pad_id, cfg, with_entropy=epoch == 0)
+                (logp, ent), batch = _logprobs(policy, mb, pad_id, cfg, with_entropy=True)
                 mask = masks[i]
                 adv = torch.tensor([s.advantage for s in mb])[:, None]            # [b, 1]
                 old_logp = logp.detach() if old is None else old[i]
@@ -309,7 +337,7 @@ def train_step(step, cfg, task, tokenizer, engine, policy, ref, algo, optimizer,
     reward_s = time.perf_counter() - t0
 
     samples = [Sample(c.prompt_ids, c.token_ids, advantages[g, j].item(), rewards[g, j].item(),
-                      c.finish_reason == "length")
+                      c.finish_reason == "length", g)
                for g, group in enumerate(groups) for j, c in enumerate(group)]
     t0 = time.perf_counter()
     metrics = update(policy, ref, algo, samples, cfg, optimizer, pad_id, step)
@@ -342,7 +370,7 @@ def train_step(step, cfg, task, tokenizer, engine, policy, ref, algo, optimizer,
 def _lr_lambda(cfg):
     warmup, total, kind = cfg.trainer.warmup_steps, cfg.trainer.max_steps, cfg.trainer.lr_schedule
     if kind not in ("constant", "cosine"):
-        raise ValueError(f"trainer.lr_schedule={kind!r}; use constant or cosine")
+        raise ConfigError(f"trainer.lr_schedule={kind!r}; use constant or cosine")
 
     def factor(done: int) -> float:  # ``done`` optimizer steps taken so far
         if warmup and done < warmup:
@@ -376,9 +404,9 @@ def _prepare_run(cfg: DictConfig, run_dir):
         run_dir = Path(str(cfg.resume))
         latest = ckpt.latest_checkpoint(run_dir)
         if latest is None:
-            raise FileNotFoundError(f"resume={run_dir}: no checkpoint under {run_dir}/checkpoints")
+            raise ConfigError(f"resume={run_dir}: no checkpoint under {run_dir}/checkpoints")
         saved = OmegaConf.load(latest / "config.yaml")
-        overrides = _command_line_overrides()
+        overrides = _command_line_overrides(saved)
         cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides))
         cfg.resume = str(run_dir)
         state = ckpt.load_state(latest)
@@ -397,18 +425,23 @@ def _hydra_output_dir() -> Path | None:
     return None
 
 
-def _command_line_overrides() -> list[str]:
-    """Plain ``key=value`` overrides of this invocation, without ``resume``."""
+def _command_line_overrides(saved: DictConfig) -> list[str]:
+    """This invocation's ``key=value`` overrides to apply over a resumed run's config.
+
+    A config group (``model=...``) may be named again only with the choice the run used.
+    """
     if not HydraConfig.initialized():
         return []
     out = []
     for o in HydraConfig.get().overrides.task:
-        key = o.split("=", 1)[0].lstrip("+~")
+        key, _, value = o.lstrip("+~").partition("=")
         if key == "resume":
             continue
-        if "." not in key and key not in ("seed",):
-            raise ValueError(f"cannot change the config group {key!r} when resuming; "
-                             "start a new run instead")
+        if "." not in key and OmegaConf.is_dict(saved.get(key)):
+            if saved[key].get("name") != value:
+                raise ConfigError(f"cannot change {key} from {saved[key].get('name')!r} to "
+                                 f"{value!r} when resuming; start a new run instead")
+            continue
         out.append(o.lstrip("+"))
     return out
 
@@ -480,7 +513,12 @@ def _plot_rewards(tracker: Tracker, run_dir: Path) -> Path:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    try:
+        train(cfg)
+    except (NanovppoError, InstantiationException) as e:
+        # Bad input (config, model path, dataset): say what is wrong, not where it broke.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

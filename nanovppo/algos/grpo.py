@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nanovppo.errors import ConfigError
+
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
@@ -50,7 +52,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, n_tokens: f
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n_seqs
     if how == "seq-mean-token-sum-norm":
         return masked.sum() / (n_seqs * norm_len)
-    raise ValueError(f"unknown loss aggregation {how!r}; use one of {AGGREGATIONS}")
+    raise ConfigError(f"unknown loss aggregation {how!r}; use one of {AGGREGATIONS}")
 
 
 def clipped_policy_loss(logp, old_logp, advantages, mask, clip_low: float, clip_high: float):
@@ -85,11 +87,11 @@ class GRPO:
 
     def __post_init__(self):
         if self.loss_agg not in AGGREGATIONS:
-            raise ValueError(f"algo.loss_agg={self.loss_agg!r}; use one of {AGGREGATIONS}")
+            raise ConfigError(f"algo.loss_agg={self.loss_agg!r}; use one of {AGGREGATIONS}")
         if self.group_size < 2:
-            raise ValueError("algo.group_size must be at least 2: GRPO compares samples of a prompt")
+            raise ConfigError("algo.group_size must be at least 2: GRPO compares samples of a prompt")
         if min(self.clip_low, self.clip_high) <= 0:
-            raise ValueError("algo.clip_low and algo.clip_high must be positive")
+            raise ConfigError("algo.clip_low and algo.clip_high must be positive")
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """Advantages [G, n] from rewards [G, n]."""

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from nanovppo.errors import NanovppoError
+
 log = logging.getLogger(__name__)
 
 
@@ -19,7 +21,7 @@ class Reward:
     parts: dict[str, float] = field(default_factory=dict)
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(NanovppoError):
     """The configured dataset cannot be loaded."""
 
 

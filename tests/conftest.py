@@ -1,0 +1,32 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from nanovppo.train import CONF_DIR
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Small settings for runs on the tiny random model.
+TINY = ["model=tiny-random", "trainer.prompts_per_step=2", "algo.group_size=2",
+        "rollout.max_new_tokens=6", "trainer.eval_examples=2", "trainer.progress=false",
+        "task.n_train=50", "task.n_test=4"]
+
+
+def compose_cfg(overrides=(), tmp_path: Path | None = None):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        extra = [f"paths.outputs={tmp_path}"] if tmp_path else []
+        return compose(config_name="config", overrides=[*extra, *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer) of the tiny random Llama, loaded once."""
+    from nanovppo.models import load_model
+
+    cfg = compose_cfg(["model=tiny-random"])
+    return load_model(cfg.model, dtype="float32")
