@@ -19,7 +19,6 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -34,25 +33,14 @@ from tqdm.auto import tqdm
 
 from nanovppo import checkpoint as ckpt
 from nanovppo.errors import ConfigError, NanovppoError
-from nanovppo.engines.base import Completion, Sampling
+from nanovppo.engines.base import Sampling
 from nanovppo.logprobs import group_logprobs, pad_groups
+from nanovppo.rollout import RolloutSource, Sample
 from nanovppo.models import load_model, to_dtype
 from nanovppo.tracking import Tracker, default_tracking_uri, flatten
 
 log = logging.getLogger("nanovppo")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-@dataclass
-class Sample:
-    """One scored completion, ready for the update."""
-
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    advantage: float
-    reward: float
-    truncated: bool
-    group: int  # index of the prompt this completion answers
 
 
 # ----------------------------------------------------------------------------------------
@@ -63,13 +51,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def render_prompt(task, tokenizer, example: dict) -> list[int]:
-    """Token ids of the chat prompt, ending with the task's assistant prefill."""
-    text = tokenizer.apply_chat_template(task.messages(example), tokenize=False,
-                                         add_generation_prompt=True) + task.prefill
-    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def examples_for_step(n_examples: int, per_step: int, seed: int, step: int) -> list[int]:
@@ -91,24 +72,6 @@ def autocast_ctx(cfg):
     if dtype == to_dtype(cfg.hardware.param_dtype):
         return torch.autocast(cfg.hardware.device, enabled=False)
     return torch.autocast(cfg.hardware.device, dtype=dtype)
-
-
-# ----------------------------------------------------------------------------------------
-# Rollout and reward
-# ----------------------------------------------------------------------------------------
-
-def score_groups(task, groups: list[list[Completion]], examples: list[dict]):
-    """Rewards [G, n] and the mean of each named reward part."""
-    rewards, parts = [], {}
-    for group, example in zip(groups, examples):
-        row = []
-        for c in group:
-            r = task.reward(task.prefill + c.text, example)
-            row.append(r.total)
-            for k, v in r.parts.items():
-                parts.setdefault(k, []).append(v)
-        rewards.append(row)
-    return torch.tensor(rewards, dtype=torch.float32), {k: float(np.mean(v)) for k, v in parts.items()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -188,7 +151,7 @@ def update(policy, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int
             for i, mb in enumerate(batches):
                 (logp, ent), batch = _logprobs(policy, mb, pad_id, cfg, with_entropy=True)
                 mask = masks[i]
-                adv = torch.tensor([s.advantage for s in mb])[:, None]            # [b, 1]
+                adv = _advantages(mb, mask.shape[1])                              # [b, C]
                 old_logp = logp.detach() if old is None else old[i]
                 loss, stats = algo.loss(logp, old_logp, None if refs is None else refs[i],
                                         adv, mask, n_tokens, n_seqs, norm_len)
@@ -217,6 +180,17 @@ def update(policy, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int
             "train/grad_norm": float(np.mean(totals["grad_norm"]))}
 
 
+def _advantages(mb: list[Sample], width: int) -> torch.Tensor:
+    """[b, C] advantages: a sample's number on all its tokens, or its per-token list."""
+    adv = torch.zeros(len(mb), width)
+    for r, s in enumerate(mb):
+        if isinstance(s.advantage, (int, float)):
+            adv[r, :len(s.completion_ids)] = float(s.advantage)
+        else:
+            adv[r, :len(s.advantage)] = torch.tensor(s.advantage, dtype=torch.float32)
+    return adv
+
+
 def _train_mask(mb: list[Sample], algo) -> torch.Tensor:
     """[b, C] mask of tokens that carry loss (truncated completions dropped if asked)."""
     width = max(1, max(len(s.completion_ids) for s in mb))
@@ -236,14 +210,12 @@ def evaluate(engine, task, tokenizer, cfg) -> dict:
     examples = task.test_examples[: cfg.trainer.eval_examples]
     if not examples:
         return {}
-    prompts = [render_prompt(task, tokenizer, ex) for ex in examples]
-    groups = engine.generate(prompts, Sampling(n=1, temperature=0.0,
-                                               max_new_tokens=cfg.rollout.max_new_tokens,
-                                               stop=task.stop))
-    rewards, parts = score_groups(task, groups, examples)
-    out = {"eval/reward_mean": rewards.mean().item()}
-    out.update({f"eval/{k}_mean": v for k, v in parts.items()})
-    out["eval/accuracy"] = parts.get("answer", 0.0)
+    greedy = Sampling(n=1, temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
+                      stop=task.stop)
+    ro = RolloutSource(task, tokenizer, engine, greedy).collect(examples)
+    out = {"eval/reward_mean": ro.rewards.mean().item()}
+    out.update({f"eval/{k}_mean": v for k, v in ro.part_means().items()})
+    out["eval/accuracy"] = ro.part_means().get("answer", 0.0)
     return out
 
 
@@ -288,12 +260,13 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     sampling = Sampling(n=algo.group_size, temperature=cfg.rollout.temperature,
                         top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
                         stop=task.stop)
+    source = RolloutSource(task, tokenizer, engine, sampling)
     last_ckpt = ckpt.latest_checkpoint(run_dir)
     status = "FAILED"
     try:
         for step in range(start_step + 1, cfg.trainer.max_steps + 1):
-            metrics, samples_table = train_step(step, cfg, task, tokenizer, engine, policy, ref,
-                                                algo, optimizer, sampling, pad_id)
+            metrics, samples_table = train_step(step, cfg, source, policy, ref, algo,
+                                                optimizer, pad_id)
             scheduler.step()
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 \
                     or step == cfg.trainer.max_steps:
@@ -320,49 +293,55 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     return summary
 
 
-def train_step(step, cfg, task, tokenizer, engine, policy, ref, algo, optimizer, sampling, pad_id):
-    """Rollout, reward, advantages and update for one step; returns (metrics, samples table)."""
+def train_step(step, cfg, source: RolloutSource, policy, ref, algo, optimizer, pad_id):
+    """Rollout, reward, experience and update for one step; returns (metrics, samples table)."""
+    task, engine = source.task, source.engine
     t_start = time.perf_counter()
-    idx = examples_for_step(len(task.train_examples), cfg.trainer.prompts_per_step, cfg.seed, step)
-    examples = [task.train_examples[i] for i in idx]
-    prompts = [render_prompt(task, tokenizer, ex) for ex in examples]
+    n_train = len(task.train_examples)
+    idx = examples_for_step(n_train, cfg.trainer.prompts_per_step, cfg.seed, step)
+    extra = iter(range(1, 1_000_000))
+    source.extra_examples = lambda k: [task.train_examples[i] for i in examples_for_step(
+        n_train, k, cfg.seed + 7919 * next(extra), step)]
 
     t0 = time.perf_counter()
-    groups = engine.generate(prompts, sampling)
+    ro = source.collect([task.train_examples[i] for i in idx])
     rollout_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    rewards, parts = score_groups(task, groups, examples)        # [G, n]
-    advantages = algo.advantages(rewards)                         # [G, n]
-    reward_s = time.perf_counter() - t0
+    samples, metrics = algo.make_samples(ro, source)
+    experience_s = time.perf_counter() - t0
 
-    samples = [Sample(c.prompt_ids, c.token_ids, advantages[g, j].item(), rewards[g, j].item(),
-                      c.finish_reason == "length", g)
-               for g, group in enumerate(groups) for j, c in enumerate(group)]
     t0 = time.perf_counter()
-    metrics = update(policy, ref, algo, samples, cfg, optimizer, pad_id, step)
-    engine.update_weights(policy.named_parameters())
+    if samples:
+        metrics.update(update(policy, ref, algo, samples, cfg, optimizer, pad_id, step))
+        engine.update_weights(policy.named_parameters())
+        metrics["train/skipped_update"] = 0.0
+    else:
+        log.warning("step %d: no samples to train on (e.g. RFT kept nothing); update skipped", step)
+        metrics["train/skipped_update"] = 1.0
     update_s = time.perf_counter() - t0
 
-    lengths = [len(c.token_ids) for g in groups for c in g]
+    lengths = [len(c.token_ids) for g in ro.groups for c in g]
+    truncated = [c.finish_reason == "length" for g in ro.groups for c in g]
+    parts = ro.part_means()
     metrics.update({
-        "train/reward_mean": rewards.mean().item(),
-        "train/reward_std": rewards.std(unbiased=False).item(),
+        "train/reward_mean": ro.rewards.mean().item(),
+        "train/reward_std": ro.rewards.std(unbiased=False).item(),
         "train/accuracy": parts.get("answer", 0.0),
         "train/response_length": float(np.mean(lengths)),
-        "train/truncated_frac": float(np.mean([s.truncated for s in samples])),
+        "train/truncated_frac": float(np.mean(truncated)),
         "train/lr": optimizer.param_groups[0]["lr"],
-        "perf/rollout_s": rollout_s, "perf/reward_s": reward_s, "perf/update_s": update_s,
+        "perf/rollout_s": rollout_s, "perf/experience_s": experience_s, "perf/update_s": update_s,
         "perf/step_s": time.perf_counter() - t_start,
         "perf/gen_tokens_per_s": sum(lengths) / max(rollout_s, 1e-9),
     })
     metrics.update({f"train/{k}_mean": v for k, v in parts.items()})
     table = {"prompt": [], "completion": [], "reward": [], "finish_reason": []}
-    for g, group in enumerate(groups):
+    for g, group in enumerate(ro.groups):
         for j, c in enumerate(group):
-            table["prompt"].append(task.user_template.format(**examples[g]))
+            table["prompt"].append(task.user_template.format(**ro.examples[g]))
             table["completion"].append(task.prefill + c.text)
-            table["reward"].append(rewards[g, j].item())
+            table["reward"].append(ro.rewards[g, j].item())
             table["finish_reason"].append(c.finish_reason)
     return metrics, table
 
@@ -387,7 +366,8 @@ def _step_line(step: int, total: int, m: dict) -> str:
     line = (f"step {step}/{total} | reward {m['train/reward_mean']:.3f} "
             f"(answer {m.get('train/answer_mean', 0):.2f}, format {m.get('train/format_mean', 0):.2f})"
             f" | len {m['train/response_length']:.0f} | rollout {m['perf/rollout_s']:.1f}s "
-            f"update {m['perf/update_s']:.1f}s | {m['perf/gen_tokens_per_s']:.0f} tok/s")
+            + (f"values {m['perf/experience_s']:.1f}s " if m["perf/experience_s"] > 0.5 else "")
+            + f"update {m['perf/update_s']:.1f}s | {m['perf/gen_tokens_per_s']:.0f} tok/s")
     if "eval/reward_mean" in m:
         line += f" | eval reward {m['eval/reward_mean']:.3f} acc {m['eval/accuracy']:.2f}"
     return line

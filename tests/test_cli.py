@@ -103,3 +103,45 @@ def test_multirun_gives_each_job_its_own_tagged_run(tmp_path):
     assert sorted(r.data.tags["sweep.job"] for r in runs) == ["0", "1"]
     assert sorted(o for r in runs for o in r.data.tags["overrides"].split() if o.startswith("seed=")) \
         == ["seed=0", "seed=1"]
+
+
+def test_unreachable_hub_model_is_a_clear_error(tmp_path):
+    env_base = [t for t in TINY if not t.startswith("model=")]
+    proc = run_cli(tmp_path, "model=qwen2.5-0.5b-instruct", "trainer.max_steps=1",
+                   check=False, base=env_base)
+    assert proc.returncode == 2
+    assert "cannot load model 'Qwen/Qwen2.5-0.5B-Instruct'" in proc.stderr
+    assert "model.source=dir model.path=" in proc.stderr
+
+
+def test_epochs_minibatches_and_kl_path_runs(tmp_path):
+    run_cli(tmp_path, "trainer.max_steps=1", "algo.ppo_epochs=2", "algo.num_minibatches=2",
+            "algo.kl_coef=0.05", "trainer.micro_batch_size=1", "trainer.prompts_per_step=4",
+            "trainer.lr_schedule=cosine", "trainer.warmup_steps=1", "algo.lr=1e-3")
+    c, runs = only_run(tmp_path)
+    m = runs[0].data.metrics
+    assert runs[0].info.status == "FINISHED"
+    # the second minibatch and epoch see a policy that moved away from the reference
+    assert m["train/kl"] > 0
+    assert m["train/lr"] == pytest.approx(1e-3)  # warmup step 1 of 1
+
+
+@pytest.mark.parametrize("algo", ["vppo", "rft", "dapo"])
+def test_other_algorithms_run_two_steps(tmp_path, algo):
+    extra = {"rft": ["algo.threshold=0.0"], "vppo": ["algo.mc_rollouts=2"], "dapo": []}[algo]
+    run_cli(tmp_path, f"algo={algo}", "trainer.max_steps=2", *extra)
+    c, runs = only_run(tmp_path)
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.params["algo.name"] == algo
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "train/reward_mean")] == [1, 2]
+    key = {"vppo": "train/value_requests", "rft": "train/kept_frac",
+           "dapo": "train/kept_groups"}[algo]
+    assert key in run.data.metrics
+
+
+def test_rft_that_keeps_nothing_skips_the_update(tmp_path):
+    proc = run_cli(tmp_path, "algo=rft", "algo.threshold=99", "trainer.max_steps=1")
+    c, runs = only_run(tmp_path)
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["train/skipped_update"] == 1.0
+    assert "update skipped" in proc.stdout + proc.stderr

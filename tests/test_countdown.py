@@ -39,11 +39,14 @@ def test_partial_credit_for_each_part_of_the_layout(task):
     assert r.total == 0.5 and r.parts["format_equation"] == 0.0
     r = task.reward("<think>x</think><answer>1</answer>", EX)
     assert r.total == 0.5
-    # some of the given numbers, each at most once: an equation, not yet all numbers
+    # some of the given numbers, each at most once: an equation, 2 of 3 numbers
     r = task.reward("<think>x</think><answer>6 * 2</answer>", EX)
-    assert r.total == 0.75 and r.parts["format_numbers"] == 0.0
-    r = task.reward("<think>x</think><answer>6 * 6</answer>", EX)
-    assert r.total == 0.5
+    assert r.total == pytest.approx(0.75 + 0.25 * 2 / 3)
+    assert r.parts["format_numbers"] == pytest.approx(2 / 3)
+    # a number used more often than given, or a lone number, is no equation
+    assert task.reward("<think>x</think><answer>6 * 6</answer>", EX).total == 0.5
+    assert task.reward("<think>x</think><answer>6</answer>", EX).total == 0.5
+    assert task.reward("<think>x</think><answer>-6</answer>", EX).total == 0.5
     # the right numbers, the wrong value
     r = task.reward("<think>x</think><answer>6 + 2 + 3</answer>", EX)
     assert r.total == 1.0 and r.parts["answer"] == 0.0

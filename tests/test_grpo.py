@@ -103,3 +103,49 @@ def test_bad_settings_are_refused():
         GRPO(loss_agg="mean")
     with pytest.raises(ValueError, match="group_size"):
         GRPO(group_size=1)
+
+
+def test_rloo_and_reinforce_pp_by_hand():
+    from nanovppo.algos.grpo import batch_normalized_advantages, rloo_advantages
+
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    # each sample minus the mean of the three others: 1 - 1/3, 0 - 2/3
+    assert torch.allclose(rloo_advantages(r), torch.tensor([[2 / 3, -2 / 3, -2 / 3, 2 / 3]]))
+    r = torch.tensor([[2.0, 2.0], [0.0, 0.0]])  # batch mean 1, std 1
+    adv = batch_normalized_advantages(r, eps=0.0)
+    # the better prompt's samples are pushed up, even though each group has no spread
+    assert torch.allclose(adv, torch.tensor([[1.0, 1.0], [-1.0, -1.0]]))
+    assert GRPO(estimator="rloo").advantages(torch.tensor([[1.0, 0.0]])).tolist() == [[1.0, -1.0]]
+
+
+def test_soft_overlong_penalty_by_hand():
+    from nanovppo.algos.grpo import overlong_penalty
+
+    lengths = torch.tensor([4, 6, 7, 8])
+    # budget 8, buffer 4: no penalty up to 4 tokens, then -0.5 per token of the buffer... x2
+    assert overlong_penalty(lengths, 8, 4, 2.0).tolist() == [0.0, -1.0, -1.5, -2.0]
+    assert overlong_penalty(lengths, 8, 0, 2.0).tolist() == [0.0] * 4
+
+
+def test_dynamic_sampling_refills_with_informative_groups():
+    from tests.fakes import ScriptedEngine, rollouts, source
+
+    ro = rollouts("P:", ["ad", "ad"])  # one group, no spread: dropped
+    src = source(ScriptedEngine({}))
+    more_calls = []
+
+    def more(k):
+        more_calls.append(k)
+        return rollouts("Q:", ["ad", "zz"]) if len(more_calls) == 2 else rollouts("R:", ["zz", "zz"])
+
+    src.more = more
+    algo = GRPO(dynamic_sampling=True, max_extra_batches=3)
+    samples, m = algo.make_samples(ro, src)
+    assert more_calls == [1, 1]  # the first refill had no spread either
+    assert m["train/extra_rollout_batches"] == 2 and m["train/kept_groups"] == 1
+    assert [s.prompt_ids[0] for s in samples] == [ord("Q")] * 2
+    assert samples[0].advantage > 0 > samples[1].advantage
+    # bounded: with nothing informative anywhere it stops and keeps the original batch
+    src.more = lambda k: rollouts("R:", ["zz", "zz"])
+    samples, m = algo.make_samples(ro, src)
+    assert m["train/extra_rollout_batches"] == 3 and all(s.advantage == 0 for s in samples)

@@ -1,4 +1,7 @@
-"""GRPO (arXiv 2501.12948) and the knobs that turn it into its well-known variants.
+"""GRPO (arXiv 2501.12948) and the knobs that turn it into its well-known variants:
+Dr.GRPO (no std scaling, ``seq-mean-token-sum-norm``), DAPO (clip-higher, token-mean,
+dynamic sampling, overlong filtering and soft penalty), RLOO (leave-one-out baseline) and
+REINFORCE++ (batch-normalised advantages); presets in conf/algo/.
 
 Experience: each prompt gets a group of ``n`` completions; a completion's advantage is its
 reward minus the group mean, divided by the group standard deviation (``scale_rewards``;
@@ -15,12 +18,16 @@ from dataclasses import dataclass
 import torch
 
 from nanovppo.errors import ConfigError
+from nanovppo.rollout import Rollouts, Sample
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
+ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+
+
 def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """Advantages [G, n] from rewards [G, n] (G groups of n samples of one prompt).
+    """GRPO: advantages [G, n] from rewards [G, n] (G groups of n samples of one prompt).
 
     >>> group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), scale=False)
     tensor([[ 0.5000, -0.5000, -0.5000,  0.5000]])
@@ -30,6 +37,36 @@ def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-
         return centered
     std = rewards.std(dim=1, keepdim=True, unbiased=False)       # [G, 1]
     return centered / (std + eps)
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """RLOO: each sample's reward minus the mean of the *other* samples of its group.
+
+    >>> rloo_advantages(torch.tensor([[1.0, 0.0, 0.0]]))
+    tensor([[ 1.0000, -0.5000, -0.5000]])
+    """
+    n = rewards.shape[1]
+    others = (rewards.sum(dim=1, keepdim=True) - rewards) / (n - 1)  # [G, n]
+    return rewards - others
+
+
+def batch_normalized_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """REINFORCE++: rewards whitened over the whole batch, so that above-average samples
+    get a positive advantage (the sign of the mean is removed, not flipped)."""
+    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + eps)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong penalty: 0 up to ``max_len - buffer`` tokens, then falling
+    linearly to ``-penalty`` at ``max_len``.
+
+    >>> overlong_penalty(torch.tensor([10, 15, 20]), max_len=20, buffer=10, penalty=1.0)
+    tensor([ 0.0000, -0.5000, -1.0000])
+    """
+    if buffer <= 0 or penalty == 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    over = (lengths.float() - (max_len - buffer)) / buffer
+    return -penalty * over.clamp(0.0, 1.0)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -71,11 +108,12 @@ def clipped_policy_loss(logp, old_logp, advantages, mask, clip_low: float, clip_
 
 @dataclass
 class GRPO:
-    """``algo=grpo``: see conf/algo/grpo.yaml for what each field does."""
+    """``algo=grpo`` and its variants: see conf/algo/grpo.yaml for what each field does."""
 
     name: str = "grpo"
     lr: float = 1e-5
     group_size: int = 4
+    estimator: str = "grpo"
     scale_rewards: bool = True
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -84,18 +122,69 @@ class GRPO:
     ppo_epochs: int = 1
     num_minibatches: int = 1
     mask_truncated: bool = False
+    dynamic_sampling: bool = False
+    max_extra_batches: int = 2
+    overlong_buffer: int = 0
+    overlong_penalty: float = 0.0
 
     def __post_init__(self):
         if self.loss_agg not in AGGREGATIONS:
             raise ConfigError(f"algo.loss_agg={self.loss_agg!r}; use one of {AGGREGATIONS}")
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"algo.estimator={self.estimator!r}; use one of {ESTIMATORS}")
         if self.group_size < 2:
             raise ConfigError("algo.group_size must be at least 2: GRPO compares samples of a prompt")
         if min(self.clip_low, self.clip_high) <= 0:
             raise ConfigError("algo.clip_low and algo.clip_high must be positive")
 
+    # -- experience -----------------------------------------------------------------------
+
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """Advantages [G, n] from rewards [G, n]."""
+        if self.estimator == "rloo":
+            return rloo_advantages(rewards)
+        if self.estimator == "reinforce_pp":
+            return batch_normalized_advantages(rewards)
         return group_advantages(rewards, scale=self.scale_rewards)
+
+    def shaped_rewards(self, ro: Rollouts, max_len: int) -> torch.Tensor:
+        """Rewards [G, n] with the soft overlong penalty added (when configured)."""
+        lengths = torch.tensor([[len(c.token_ids) for c in g] for g in ro.groups])
+        return ro.rewards + overlong_penalty(lengths, max_len, self.overlong_buffer,
+                                             self.overlong_penalty)
+
+    def make_samples(self, ro: Rollouts, source) -> tuple[list[Sample], dict]:
+        """Training samples from a step's rollouts (may sample more: dynamic sampling)."""
+        metrics = {}
+        if self.dynamic_sampling:
+            ro, metrics = self._dynamic_sampling(ro, source)
+        rewards = self.shaped_rewards(ro, source.sampling.max_new_tokens)     # [G, n]
+        adv = self.advantages(rewards)                                       # [G, n]
+        samples = [Sample(c.prompt_ids, c.token_ids, adv[g, j].item(), rewards[g, j].item(),
+                          c.finish_reason == "length", g)
+                   for g, group in enumerate(ro.groups) for j, c in enumerate(group)]
+        return samples, metrics
+
+    def _dynamic_sampling(self, ro: Rollouts, source) -> tuple[Rollouts, dict]:
+        """DAPO: drop groups whose rewards are all equal (no signal) and refill the batch
+        with fresh prompts, at most ``max_extra_batches`` extra batches per step."""
+        wanted = len(ro.groups)
+        useful = lambda r: [g for g in range(r.rewards.shape[0]) if r.rewards[g].std() > 0]
+        kept = ro.select(useful(ro))
+        extra = 0
+        while len(kept.groups) < wanted and extra < self.max_extra_batches:
+            more = source.more(wanted)
+            if more is None:
+                break
+            extra += 1
+            kept.extend(more.select(useful(more)))
+        if not kept.groups:  # nothing useful at all: train on what we have (zero advantages)
+            kept = ro
+        kept = kept.select(list(range(min(wanted, len(kept.groups)))))
+        return kept, {"train/extra_rollout_batches": float(extra),
+                      "train/kept_groups": float(len(kept.groups))}
+
+    # -- loss -----------------------------------------------------------------------------
 
     def loss(self, logp, old_logp, ref_logp, advantages, mask, n_tokens, n_seqs, norm_len):
         """Scalar loss of a micro-batch and its statistics (sums over its tokens)."""

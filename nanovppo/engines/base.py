@@ -36,8 +36,10 @@ class Completion:
 
 
 class Engine(Protocol):
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
-        """``sampling.n`` completions for each prompt (given as token ids), grouped by prompt."""
+    def generate(self, prompts: list[list[int]], sampling: Sampling,
+                 max_new_tokens: list[int] | None = None) -> list[list[Completion]]:
+        """``sampling.n`` completions for each prompt (given as token ids), grouped by
+        prompt; ``max_new_tokens`` optionally sets each prompt's own budget."""
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load trained weights into the engine's model."""

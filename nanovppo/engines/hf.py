@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import replace
 from typing import Iterable
 
 import torch
@@ -42,7 +43,7 @@ class HFEngine:
 
     def __init__(self, model, tokenizer, seed: int = 0, max_batch: int = 64, name: str = "hf",
                  dtype: str | None = None, attn_implementation: str | None = None,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, share_prefix: bool = True):
         """Sample from ``model`` itself (temperature 0 decodes greedily), or from a copy of it in ``dtype`` when that differs
         from the policy's (decoding is memory-bound on CPU, so a bf16 copy of an fp32 policy
         samples ~1.5x faster; ``update_weights`` then copies the trained weights in)."""
@@ -60,6 +61,8 @@ class HFEngine:
                 self.model.config._attn_implementation = attn_implementation
         self.generator = torch.Generator().manual_seed(seed)
         self.progress = False  # the trainer turns the decoding bar on
+        # Prefill a prompt once for all its samples (False: once per sample, to measure).
+        self.share_prefix = share_prefix
         self.eos_ids = self._eos_ids()
 
     def _eos_ids(self) -> set[int]:
@@ -70,14 +73,23 @@ class HFEngine:
 
     # -- protocol -------------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], sampling: Sampling,
+                 max_new_tokens: list[int] | None = None) -> list[list[Completion]]:
+        """``sampling.n`` completions of each prompt; ``max_new_tokens`` optionally gives
+        each prompt its own budget (at most ``sampling.max_new_tokens``)."""
+        budgets = max_new_tokens or [sampling.max_new_tokens] * len(prompts)
+        if not self.share_prefix and sampling.n > 1:  # prefill every sample on its own
+            flat = self.generate([p for p in prompts for _ in range(sampling.n)],
+                                 replace(sampling, n=1), [b for b in budgets for _ in range(sampling.n)])
+            return [[g[0] for g in flat[i:i + sampling.n]] for i in range(0, len(flat), sampling.n)]
         per_call = max(1, self.max_batch // sampling.n)  # prompts per forward batch
         out: list[list[Completion]] = []
         was_training = self.model.training
         self.model.eval()
         try:
             for i in range(0, len(prompts), per_call):
-                out.extend(self._generate_batch(prompts[i:i + per_call], sampling))
+                out.extend(self._generate_batch(prompts[i:i + per_call], sampling,
+                                                budgets[i:i + per_call]))
         finally:
             self.model.train(was_training)
         return out
@@ -115,7 +127,8 @@ class HFEngine:
         return torch.autocast(device, dtype=self.autocast_dtype)
 
     @torch.inference_mode()
-    def _generate_batch(self, prompts: list[list[int]], sp: Sampling) -> list[list[Completion]]:
+    def _generate_batch(self, prompts: list[list[int]], sp: Sampling,
+                        budgets: list[int]) -> list[list[Completion]]:
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in prompts)
@@ -142,6 +155,7 @@ class HFEngine:
         tokens: list[list[int]] = [[] for _ in range(batch)]
         logps: list[list[float]] = [[] for _ in range(batch)]
         finish = ["length"] * batch
+        budget = [min(b, sp.max_new_tokens) for b in budgets for _ in range(sp.n)]
         alive = torch.arange(batch)  # original row of each row still in the batch
         stop_window = max((len(s) for s in sp.stop), default=0) + 2
 
@@ -163,7 +177,7 @@ class HFEngine:
                 logps[row].append(lp)
                 if t in self.eos_ids or (sp.stop and self._hit_stop(tokens[row], sp.stop, stop_window)):
                     finish[row] = "stop"
-                else:
+                elif len(tokens[row]) < budget[row]:
                     keep.append(j)
             if not keep or step == sp.max_new_tokens - 1:
                 break

@@ -49,6 +49,10 @@ class Task:
     def reward(self, response: str, example: dict) -> Reward:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def final_answer(self, response: str) -> str | None:
+        """The response's final answer, normalised for comparison (None if it has none)."""
+        return None
+
     @property
     def reward_parts(self) -> list[str]:
         """Names of the reward parts, in logging order."""

@@ -105,12 +105,14 @@ def last_answer(text: str) -> str | None:
 
 
 def format_parts(response: str, nums: list[int]) -> tuple[dict[str, float], str | None]:
-    """Which parts of the layout the response has (each 0 or 1), and the answer text.
+    """How much of the layout the response has (each part in [0, 1]), and the answer text.
 
     think: a closed ``<think>...</think>``; answer_tags: ``<answer>...</answer>`` after it;
-    equation: the answer is an equation built only from the given numbers (none used more
-    often than given: a bare "1" copied from the prompt's example earns nothing);
-    numbers: it uses every given number exactly once.
+    equation: the answer is an equation with at least one operator, built only from the
+    given numbers, none used more often than given (a bare number, or the prompt's
+    example copied, earns nothing); numbers: the fraction of the given numbers it uses.
+    Each step towards a full answer earns a little more, so GRPO's groups keep a spread
+    of rewards to learn from instead of all settling on one shortcut.
     """
     parts = dict.fromkeys(FORMAT_PARTS, 0.0)
     think_open = response.find("<think>")
@@ -127,11 +129,10 @@ def format_parts(response: str, nums: list[int]) -> tuple[dict[str, float], str 
         _, used = evaluate(answer.strip())
     except InvalidEquation:
         return parts, answer
-    given = Counter(int(n) for n in nums)
-    if not Counter(used) - given:  # only given numbers, none more often than given
+    given, used = Counter(int(n) for n in nums), Counter(used)
+    if sum(used.values()) >= 2 and not used - given:
         parts["equation"] = 1.0
-        if Counter(used) == given:
-            parts["numbers"] = 1.0
+        parts["numbers"] = sum((used & given).values()) / sum(given.values())
     return parts, answer
 
 
@@ -175,10 +176,14 @@ class CountdownTask(Task):
     def reward_parts(self) -> list[str]:
         return ["answer", "format", *(f"format_{p}" for p in FORMAT_PARTS)]
 
+    def final_answer(self, response: str) -> str | None:
+        answer = last_answer(response)
+        return None if answer is None else "".join(answer.split())
+
     def reward(self, response: str, example: dict) -> Reward:
         parts, answer = format_parts(response, example["nums"])
         correct = 0.0
-        if parts["numbers"]:
+        if parts["numbers"] == 1.0:
             value, _ = evaluate(answer.replace("×", "*").replace("÷", "/").strip())
             correct = float(value == example["target"])
         fmt = sum(self.format_weights[k] * v for k, v in parts.items())

@@ -1,0 +1,119 @@
+"""Compare runs from MLflow: metrics against step, one line per group, a band over seeds.
+
+    nanovppo-plot --experiment nanovppo --group-by algo.name \\
+        --metrics train/reward_mean train/accuracy --out outputs/plots/algos.png
+    nanovppo-plot --run-ids ID1 ID2 --group-by algo.lr --log   # also log the PNG to MLflow
+
+Runs come from an experiment (optionally narrowed by an MLflow ``--filter`` such as
+"params.task.name = 'countdown'") or from explicit run ids. Each group (runs with the
+same value of the ``--group-by`` param) is drawn as the mean over its runs, with a band
+from the lowest to the highest run at each step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from nanovppo.tracking import default_tracking_uri
+
+
+def collect(client: MlflowClient, experiment: str | None, run_ids: list[str] | None,
+            filter_string: str, group_by: str, metrics: list[str]):
+    """{group value: {metric: [(steps, values) per run]}} and the runs used."""
+    if run_ids:
+        runs = [client.get_run(r) for r in run_ids]
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise SystemExit(f"error: no MLflow experiment named {experiment!r}")
+        runs = client.search_runs([exp.experiment_id], filter_string=filter_string,
+                                  max_results=5000)
+    runs = [r for r in runs if r.data.tags.get("nanovppo.kind") != "plot"]
+    if not runs:
+        raise SystemExit("error: no runs matched")
+    data: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        group = run.data.params.get(group_by, "(unset)")
+        for m in metrics:
+            history = sorted((h.step, h.value) for h in client.get_metric_history(run.info.run_id, m))
+            if history:
+                steps, values = zip(*history)
+                data[group][m].append((np.array(steps), np.array(values)))
+    return data, runs
+
+
+def band(curves: list[tuple[np.ndarray, np.ndarray]]):
+    """Mean, min and max over runs at the steps all of them reached."""
+    common = sorted(set.intersection(*(set(s.tolist()) for s, _ in curves)))
+    table = np.array([[dict(zip(s.tolist(), v.tolist()))[k] for k in common] for s, v in curves])
+    return np.array(common), table.mean(0), table.min(0), table.max(0)
+
+
+def draw(data, metrics: list[str], group_by: str, out: Path, title: str | None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for group in sorted(data):
+            curves = data[group].get(metric)
+            if not curves:
+                continue
+            steps, mean, lo, hi = band(curves)
+            line, = ax.plot(steps, mean, label=f"{group_by}={group} (n={len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(prog="nanovppo-plot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///outputs/mlflow.db)")
+    p.add_argument("--outputs", default="outputs", help="the outputs folder holding mlflow.db")
+    p.add_argument("--experiment", default="nanovppo")
+    p.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.seed = '0'\"")
+    p.add_argument("--run-ids", nargs="*", default=None)
+    p.add_argument("--group-by", default="algo.name", help="param that names a curve")
+    p.add_argument("--metrics", nargs="+", default=["train/reward_mean"])
+    p.add_argument("--out", default="outputs/plots/compare.png")
+    p.add_argument("--title", default=None)
+    p.add_argument("--log", action="store_true",
+                   help="log the PNG to a new MLflow run (tagged nanovppo.kind=plot)")
+    args = p.parse_args(argv)
+    uri = args.tracking_uri or default_tracking_uri(args.outputs)
+    client = MlflowClient(tracking_uri=uri)
+    data, runs = collect(client, args.experiment, args.run_ids, args.filter, args.group_by,
+                         args.metrics)
+    out = draw(data, args.metrics, args.group_by, Path(args.out), args.title)
+    print(f"wrote {out} from {len(runs)} runs in {len(data)} groups of {args.group_by}")
+    if args.log:
+        run = client.create_run(runs[0].info.experiment_id, run_name=f"plot-{out.stem}",
+                                tags={"nanovppo.kind": "plot",
+                                      "nanovppo.plot.runs": ",".join(r.info.run_id for r in runs)})
+        client.log_artifact(run.info.run_id, str(out))
+        client.set_terminated(run.info.run_id)
+        print(f"logged to MLflow run {run.info.run_id}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

@@ -1,0 +1,56 @@
+"""nanovppo-plot on a real MLflow store."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from nanovppo.plot import band, collect, main
+from nanovppo.tracking import Tracker
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for algo, offset in [("grpo", 0.0), ("vppo", 1.0)]:
+        for seed in (0, 1):
+            t = Tracker(uri, "cmp", run_name=f"{algo}-{seed}", artifact_dir=tmp_path / "art")
+            t.log_params({"algo.name": algo, "seed": seed})
+            for step in range(1, 5 + seed):  # seed 1 runs one step longer
+                t.log_metrics({"train/reward_mean": offset + step * 0.1 + seed * 0.05}, step)
+            t.finish()
+    return uri
+
+
+def test_groups_and_bands(store):
+    data, runs = collect(MlflowClient(store), "cmp", None, "", "algo.name", ["train/reward_mean"])
+    assert len(runs) == 4 and sorted(data) == ["grpo", "vppo"]
+    steps, mean, lo, hi = band(data["vppo"]["train/reward_mean"])
+    assert steps.tolist() == [1, 2, 3, 4]  # the steps both seeds reached
+    np.testing.assert_allclose(mean, [1.125, 1.225, 1.325, 1.425])
+    np.testing.assert_allclose(hi - lo, [0.05] * 4)
+
+
+def test_cli_writes_and_logs_a_png(store, tmp_path):
+    out = tmp_path / "plots" / "cmp.png"
+    proc = subprocess.run([sys.executable, "-m", "nanovppo.plot", "--tracking-uri", store,
+                           "--experiment", "cmp", "--metrics", "train/reward_mean",
+                           "--out", str(out), "--log", "--filter", "params.seed = '0'"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "from 2 runs in 2 groups" in proc.stdout
+    c = MlflowClient(store)
+    exp = c.get_experiment_by_name("cmp")
+    plots = c.search_runs([exp.experiment_id], "tags.`nanovppo.kind` = 'plot'")
+    assert len(plots) == 1
+    assert [a.path for a in c.list_artifacts(plots[0].info.run_id)] == ["cmp.png"]
+    # a second plot ignores the plot run itself
+    main(["--tracking-uri", store, "--experiment", "cmp", "--out", str(tmp_path / "b.png")])
+
+
+def test_unknown_experiment_is_a_clear_error(store, tmp_path):
+    with pytest.raises(SystemExit, match="no MLflow experiment named 'nope'"):
+        main(["--tracking-uri", store, "--experiment", "nope", "--out", str(tmp_path / "x.png")])

@@ -1,0 +1,84 @@
+"""VinePPO's Monte-Carlo values and step advantages, worked out by hand."""
+
+import pytest
+import torch
+
+from nanovppo.algos.vppo import VinePPO, step_advantages, step_token_bounds
+from nanovppo.engines.base import Sampling
+from nanovppo.engines.hf import HFEngine
+from tests.fakes import ScriptedEngine, rollouts, source
+
+
+def test_values_and_advantages_by_hand():
+    # Prompt "P:", two responses; the tokens splitter cuts every 2 tokens.
+    # Response "abcd": steps "ab" | "cd".  Response "xd": one step.
+    engine = ScriptedEngine({
+        "P:": ["xx", "aa"],            # V(prompt)   = mean(0, 0.5)          = 0.25
+        "P:ab": ["cd", "zz"],          # V("ab")     = mean(1.5, 0.5)        = 1.0
+    })
+    algo = VinePPO(mc_rollouts=2, splitter="tokens", chunk_tokens=2, max_steps=0)
+    ro = rollouts("P:", ["abcd", "xd"])
+    samples, metrics = algo.make_samples(ro, source(engine))
+    # one engine call; the prompt's state is shared by both responses, so asked once
+    assert len(engine.calls) == 1
+    prompts, sampling, budgets = engine.calls[0]
+    assert sorted("".join(map(chr, p)) for p in prompts) == ["P:", "P:ab"]
+    assert sampling.n == 2
+    # each request's budget is what is left of max_new_tokens (8) after its prefix
+    assert dict(zip(("".join(map(chr, p)) for p in prompts), budgets)) == {"P:": 8, "P:ab": 6}
+    # "abcd": reward 1.5; advantages 1.0 - 0.25 = 0.75 on "ab", 1.5 - 1.0 = 0.5 on "cd"
+    assert samples[0].advantage == pytest.approx([0.75, 0.75, 0.5, 0.5])
+    # "xd": reward 1.0, a single step: 1.0 - 0.25
+    assert samples[1].advantage == pytest.approx([0.75, 0.75])
+    assert metrics["train/value_requests"] == 2
+    assert metrics["train/continuations"] == 4
+
+
+def test_continuations_are_scored_with_their_prefix():
+    # If a continuation were scored alone, "d" would miss the +0.5 that the prefix's "a"
+    # earns: V("ab") would be 1.0, not 1.5.
+    engine = ScriptedEngine({"P:": ["ab", "ab"], "P:ab": ["d", "d"]})
+    algo = VinePPO(mc_rollouts=2, splitter="tokens", chunk_tokens=2, max_steps=0)
+    samples, _ = algo.make_samples(rollouts("P:", ["abd"]), source(engine))
+    # V(prompt) = 0.5 ("ab"), V("ab") = 1.5 ("abd"), reward("abd") = 1.5
+    assert samples[0].advantage == pytest.approx([1.0, 1.0, 0.0])
+
+
+def test_truncated_continuations_are_penalised():
+    engine = ScriptedEngine({"P:": ["ad~", "ad"]})  # "~" marks a cut continuation
+    algo = VinePPO(mc_rollouts=2, splitter="tokens", chunk_tokens=8, truncated_penalty=0.5)
+    samples, metrics = algo.make_samples(rollouts("P:", ["ad"]), source(engine))
+    # scores: "ad~" -> 0.5 - 0.5 = 0 ; "ad" -> 1.5 ; V = 0.75 ; reward 1.5
+    assert samples[0].advantage == pytest.approx([0.75, 0.75])
+    assert metrics["train/continuation_truncated_frac"] == 0.5
+
+
+def test_whitening_and_step_helpers():
+    assert step_advantages([0.0, 0.5, 2.0]) == [0.5, 1.5]
+    # char spans (0,3) (3,5) over tokens ending at 1, 3, 5 -> steps start at tokens 0 and 2
+    assert step_token_bounds([(0, 3), (3, 5)], [1, 3, 5]) == [0, 2, 3]
+    # a step boundary inside a token moves to the token's end; empty steps vanish
+    assert step_token_bounds([(0, 2), (2, 3), (3, 5)], [3, 5]) == [0, 1, 2]
+    engine = ScriptedEngine({"P:": ["xx", "aa"], "P:ab": ["cd", "zz"]})
+    algo = VinePPO(mc_rollouts=2, splitter="tokens", chunk_tokens=2, whiten_advantages=True)
+    samples, _ = algo.make_samples(rollouts("P:", ["abcd", "xd"]), source(engine))
+    flat = torch.tensor([a for s in samples for a in s.advantage])
+    assert flat.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert flat.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_token_level_prefix_continues_the_policys_own_tokens(tiny):
+    """Greedy continuations of prompt + first k tokens reproduce the greedy response."""
+    model, tok = tiny
+    engine = HFEngine(model, tok)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Count: 1 2 3"}],
+                                     add_generation_prompt=True, tokenize=False)
+    prompt_ids = tok(prompt, add_special_tokens=False).input_ids
+    greedy = Sampling(n=1, temperature=0.0, max_new_tokens=12)
+    [[full]] = engine.generate([prompt_ids], greedy)
+    assert len(full.token_ids) == 12
+    ks = [1, 5, 9]
+    conts = engine.generate([prompt_ids + full.token_ids[:k] for k in ks], greedy,
+                            max_new_tokens=[12 - k for k in ks])
+    for k, [c] in zip(ks, conts):
+        assert full.token_ids[:k] + c.token_ids == full.token_ids
