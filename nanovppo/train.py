@@ -339,7 +339,7 @@ def train_step(step, cfg, source: RolloutSource, policy, ref, algo, optimizer, p
     table = {"prompt": [], "completion": [], "reward": [], "finish_reason": []}
     for g, group in enumerate(ro.groups):
         for j, c in enumerate(group):
-            table["prompt"].append(task.user_template.format(**ro.examples[g]))
+            table["prompt"].append(task.messages(ro.examples[g])[-1]["content"])
             table["completion"].append(task.prefill + c.text)
             table["reward"].append(ro.rewards[g, j].item())
             table["finish_reason"].append(c.finish_reason)

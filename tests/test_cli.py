@@ -145,3 +145,13 @@ def test_rft_that_keeps_nothing_skips_the_update(tmp_path):
     assert runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["train/skipped_update"] == 1.0
     assert "update skipped" in proc.stdout + proc.stderr
+
+
+def test_a_task_from_the_users_own_module(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "examples"))
+    run_cli(tmp_path, "task._target_=my_tasks.ConciseCountdown", "+task.length_bonus=0.5",
+            "trainer.max_steps=1")
+    c, runs = only_run(tmp_path)
+    m = runs[0].data.metrics
+    assert "train/concise_mean" in m and m["train/concise_mean"] >= 0
+    assert runs[0].data.params["task._target_"] == "my_tasks.ConciseCountdown"

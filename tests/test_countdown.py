@@ -34,19 +34,19 @@ def test_partial_credit_for_each_part_of_the_layout(task):
     # tags with text that is not an equation
     r = task.reward("<think>hmm</think><answer>twelve</answer>", EX)
     assert r.total == 0.5 and r.parts["format_equation"] == 0.0
-    # an equation with numbers that were not given earns nothing for the equation
-    r = task.reward("<think>x</think><answer>10 + 2</answer>", EX)
-    assert r.total == 0.5 and r.parts["format_equation"] == 0.0
-    r = task.reward("<think>x</think><answer>1</answer>", EX)
-    assert r.total == 0.5
-    # some of the given numbers, each at most once: an equation, 2 of 3 numbers
-    r = task.reward("<think>x</think><answer>6 * 2</answer>", EX)
-    assert r.total == pytest.approx(0.75 + 0.25 * 2 / 3)
-    assert r.parts["format_numbers"] == pytest.approx(2 / 3)
-    # a number used more often than given, or a lone number, is no equation
-    assert task.reward("<think>x</think><answer>6 * 6</answer>", EX).total == 0.5
+    # an equation over numbers that were not given: the equation part only
+    r = task.reward("<think>x</think><answer>10 + 1</answer>", EX)
+    assert r.total == 0.75 and r.parts["format_numbers"] == 0.0
+    # a lone number is no equation
     assert task.reward("<think>x</think><answer>6</answer>", EX).total == 0.5
     assert task.reward("<think>x</think><answer>-6</answer>", EX).total == 0.5
+    # 2 of the 3 given numbers
+    r = task.reward("<think>x</think><answer>6 * 2</answer>", EX)
+    assert r.parts["format_numbers"] == pytest.approx(2 / 3)
+    assert r.total == pytest.approx(0.75 + 0.25 * 2 / 3)
+    # foreign and repeated numbers dilute the match: {6, 2} of 4 used
+    r = task.reward("<think>x</think><answer>6 * 2 + 6 - 1</answer>", EX)
+    assert r.parts["format_numbers"] == pytest.approx(2 / 4)
     # the right numbers, the wrong value
     r = task.reward("<think>x</think><answer>6 + 2 + 3</answer>", EX)
     assert r.total == 1.0 and r.parts["answer"] == 0.0
@@ -96,8 +96,8 @@ def test_adversarial_outputs_score_no_answer_quickly(task, text):
     r = task.reward(text, EX)
     assert time.perf_counter() - t0 < 0.5
     assert r.parts["answer"] == 0.0
-    assert r.parts["format_equation"] == 0.0
-    assert 0.0 <= r.total <= 0.5
+    assert r.parts["format_numbers"] == 0.0
+    assert 0.0 <= r.total <= 0.75
 
 
 def test_evaluator_rejects_what_is_not_arithmetic():

@@ -108,11 +108,11 @@ def format_parts(response: str, nums: list[int]) -> tuple[dict[str, float], str 
     """How much of the layout the response has (each part in [0, 1]), and the answer text.
 
     think: a closed ``<think>...</think>``; answer_tags: ``<answer>...</answer>`` after it;
-    equation: the answer is an equation with at least one operator, built only from the
-    given numbers, none used more often than given (a bare number, or the prompt's
-    example copied, earns nothing); numbers: the fraction of the given numbers it uses.
-    Each step towards a full answer earns a little more, so GRPO's groups keep a spread
-    of rewards to learn from instead of all settling on one shortcut.
+    equation: the answer is an equation with at least one operator (a bare number is not);
+    numbers: how well its numbers match the given ones, |used & given| / max(|given|,
+    |used|), so missing and foreign numbers both cost. Each step towards a full answer
+    earns a little more, so GRPO's groups keep a spread of rewards to learn from instead
+    of all settling on one shortcut.
     """
     parts = dict.fromkeys(FORMAT_PARTS, 0.0)
     think_open = response.find("<think>")
@@ -130,9 +130,10 @@ def format_parts(response: str, nums: list[int]) -> tuple[dict[str, float], str 
     except InvalidEquation:
         return parts, answer
     given, used = Counter(int(n) for n in nums), Counter(used)
-    if sum(used.values()) >= 2 and not used - given:
+    if sum(used.values()) >= 2:
         parts["equation"] = 1.0
-        parts["numbers"] = sum((used & given).values()) / sum(given.values())
+        # overlap with the given numbers, diluted by missing and by foreign ones
+        parts["numbers"] = sum((used & given).values()) / max(sum(given.values()), sum(used.values()))
     return parts, answer
 
 

@@ -1,0 +1,186 @@
+"""Evaluate a model on a task's test set: pass@k, maj@k, mean reward, response length.
+
+    python -m nanovppo.evaluate model=smollm2-135m task=countdown            # greedy, n=1
+    python -m nanovppo.evaluate task=gsm8k task.data_files=train.jsonl \\
+        task.test_files=test.jsonl eval.n=16 eval.temperature=0.6
+    python -m nanovppo.evaluate eval.checkpoint=outputs/runs/DATE/TIME       # a run's latest checkpoint
+    python -m nanovppo.evaluate eval.run_id=<MLflow run id>                  # the model of that run
+
+pass@k uses the unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al., 2021) for
+k = 1, 2, 4, ... up to n; maj@k takes the most common final answer among the first k
+samples. Results are printed as a table and logged to MLflow as a run tagged
+``nanovppo.kind=eval``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+import hydra
+import numpy as np
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from nanovppo import checkpoint as ckpt
+from nanovppo.engines.base import Sampling
+from nanovppo.errors import ConfigError, NanovppoError
+from nanovppo.models import load_model
+from nanovppo.rollout import RolloutSource
+from nanovppo.tracking import Tracker, default_tracking_uri, flatten
+from nanovppo.train import CONF_DIR, seed_everything
+
+log = logging.getLogger("nanovppo")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct.
+
+    >>> round(pass_at_k(4, 1, 2), 4)   # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    0.5
+    """
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def majority_correct(answers: list[str | None], correct: list[bool], k: int) -> bool:
+    """Is the most common final answer among the first ``k`` samples a correct one?
+    Ties go to the answer seen first; samples without an answer do not vote."""
+    votes = [(a, ok) for a, ok in zip(answers[:k], correct[:k]) if a is not None]
+    if not votes:
+        return False
+    counts = Counter(a for a, _ in votes)
+    best = max(counts.values())
+    winner = next(a for a, _ in votes if counts[a] == best)
+    return any(ok for a, ok in votes if a == winner)
+
+
+def ks_up_to(n: int) -> list[int]:
+    ks, k = [], 1
+    while k <= n:
+        ks.append(k)
+        k *= 2
+    return ks
+
+
+def resolve_model(cfg: DictConfig) -> DictConfig:
+    """The model config to evaluate: the configured one, a checkpoint, or an MLflow run's."""
+    path = None
+    if cfg.eval.run_id:
+        from mlflow.tracking import MlflowClient
+
+        uri = cfg.tracking.uri or default_tracking_uri(cfg.paths.outputs)
+        try:
+            run = MlflowClient(uri).get_run(cfg.eval.run_id)
+        except Exception as e:  # noqa: BLE001 - MLflow raises several kinds
+            raise ConfigError(f"eval.run_id={cfg.eval.run_id}: no such MLflow run at {uri}") from e
+        run_dir = run.data.tags.get("nanovppo.run_dir")
+        if not run_dir:
+            raise ConfigError(f"MLflow run {cfg.eval.run_id} was not made by nanovppo.train")
+        path = Path(run_dir)
+    elif cfg.eval.checkpoint:
+        path = Path(str(cfg.eval.checkpoint))
+    if path is None:
+        return cfg.model
+    if not (path / "model" / "config.json").is_file():  # a run folder: its latest checkpoint
+        latest = ckpt.latest_checkpoint(path)
+        if latest is None:
+            raise ConfigError(f"{path} is neither a checkpoint nor a run folder with one")
+        path = latest
+    return OmegaConf.create({"name": f"{cfg.model.name}@{path.name}", "source": "dir",
+                             "path": str(path / "model")})
+
+
+def evaluate_model(cfg: DictConfig) -> dict:
+    """Sample ``eval.n`` completions per test example and compute the metrics."""
+    e = cfg.eval
+    if e.n > 1 and e.temperature == 0:
+        raise ConfigError("eval.n > 1 needs eval.temperature > 0 (greedy samples are identical)")
+    seed_everything(cfg.seed)
+    task = instantiate(cfg.task)
+    model_cfg = resolve_model(cfg)
+    model, tok = load_model(model_cfg, dtype=cfg.hardware.param_dtype)
+    model.to(cfg.hardware.device).eval().requires_grad_(False)
+    engine = instantiate(cfg.inference_backend, model=model, tokenizer=tok, seed=cfg.seed,
+                         _convert_="partial")
+    examples = task.test_examples[: e.examples] if e.examples else task.test_examples
+    if not examples:
+        raise ConfigError(f"task {task.name} has no test examples")
+    sampling = Sampling(n=e.n, temperature=e.temperature, top_p=e.top_p,
+                        max_new_tokens=e.max_new_tokens, stop=task.stop)
+    source = RolloutSource(task, tok, engine, sampling)
+    ks = ks_up_to(e.n)
+    per_k = {k: [] for k in ks}
+    maj = {k: [] for k in ks}
+    rewards, lengths = [], []
+    for i in tqdm(range(0, len(examples), e.batch_prompts), desc="eval", unit="batch",
+                  disable=not cfg.trainer.progress):
+        ro = source.collect(examples[i:i + e.batch_prompts])
+        answer_part = ro.parts.get("answer", [])
+        for g, group in enumerate(ro.groups):
+            correct = [answer_part[g * e.n + j] >= 1.0 for j in range(e.n)]
+            finals = [task.final_answer(task.prefill + c.text) for c in group]
+            for k in ks:
+                per_k[k].append(pass_at_k(e.n, sum(correct), k))
+                maj[k].append(float(majority_correct(finals, correct, k)))
+            lengths += [len(c.token_ids) for c in group]
+        rewards += ro.rewards.flatten().tolist()
+    results = {f"pass@{k}": float(np.mean(per_k[k])) for k in ks}
+    results.update({f"maj@{k}": float(np.mean(maj[k])) for k in ks})
+    results["reward_mean"] = float(np.mean(rewards))
+    results["response_length"] = float(np.mean(lengths))
+    if e.n == 1 and e.temperature == 0:
+        results["greedy_accuracy"] = results["pass@1"]
+    results["examples"] = float(len(examples))
+    engine.close()
+    return {"results": results, "model": model_cfg}
+
+
+def report(cfg: DictConfig, out: dict) -> str:
+    results = out["results"]
+    width = max(len(k) for k in results)
+    lines = [f"{cfg.task.name} test set, model {out['model'].name}, n={cfg.eval.n}, "
+             f"temperature={cfg.eval.temperature}",
+             f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
+    lines += [f"{k.ljust(width)}  {v:.4f}" if k != "examples" else f"{k.ljust(width)}  {int(v)}"
+              for k, v in results.items()]
+    return "\n".join(lines)
+
+
+def log_results(cfg: DictConfig, out: dict) -> str:
+    uri = cfg.tracking.uri or default_tracking_uri(cfg.paths.outputs)
+    tags = {"nanovppo.kind": "eval"}
+    if cfg.eval.run_id:
+        tags["nanovppo.evaluated_run"] = str(cfg.eval.run_id)
+    tracker = Tracker(uri, cfg.tracking.experiment, run_name=f"eval-{out['model'].name}-{cfg.task.name}",
+                      tags=tags, artifact_dir=Path(cfg.paths.outputs) / "mlartifacts")
+    params = flatten({"eval": OmegaConf.to_container(cfg.eval, resolve=True),
+                      "model": OmegaConf.to_container(out["model"], resolve=True),
+                      "task.name": cfg.task.name, "seed": cfg.seed})
+    tracker.log_params(params)
+    tracker.log_metrics({f"eval/{k}": v for k, v in out["results"].items()}, step=1)
+    tracker.log_text(report(cfg, out), "eval_results.txt")
+    tracker.finish()
+    return tracker.run_id
+
+
+@hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        out = evaluate_model(cfg)
+    except (NanovppoError, InstantiationException) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(report(cfg, out))
+    if cfg.eval.log_to_mlflow:
+        run_id = log_results(cfg, out)
+        print(f"logged to MLflow run {run_id}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The evaluation command: estimators by hand, and real runs of the CLI."""
+
+import itertools
+import os
+import subprocess
+import sys
+from math import comb
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from nanovppo.evaluate import ks_up_to, majority_correct, pass_at_k
+from tests.test_cli import TINY, run_cli
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+def test_pass_at_k_matches_counting_subsets():
+    for n, c in [(4, 0), (4, 1), (4, 3), (8, 2), (5, 5)]:
+        for k in range(1, n + 1):
+            # the chance that a random k-subset of the n samples holds a correct one
+            hits = sum(any(i < c for i in s) for s in itertools.combinations(range(n), k))
+            assert pass_at_k(n, c, k) == pytest.approx(hits / comb(n, k))
+
+
+def test_majority_vote_by_hand():
+    answers = ["3", "4", "4", None, "3", "3"]
+    correct = [True, False, False, False, True, True]
+    assert majority_correct(answers, correct, 1) is True     # "3"
+    assert majority_correct(answers, correct, 3) is False    # "4" twice
+    assert majority_correct(answers, correct, 4) is False
+    assert majority_correct(answers, correct, 6) is True     # "3" three times
+    assert majority_correct([None, None], [False, False], 2) is False
+    assert majority_correct(["1", "2"], [False, True], 2) is False  # tie: first seen
+    assert ks_up_to(16) == [1, 2, 4, 8, 16] and ks_up_to(6) == [1, 2, 4]
+
+
+def run_eval(tmp_path, *args, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "nanovppo.evaluate", "model=tiny-random",
+           "trainer.progress=false", f"paths.outputs={tmp_path}", "rollout.max_new_tokens=8",
+           *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_evaluate_gsm8k_fixture_with_samples(tmp_path):
+    proc = run_eval(tmp_path, "task=gsm8k", f"task.data_files={FIX / 'gsm8k_train.jsonl'}",
+                    f"task.test_files={FIX / 'gsm8k_test.jsonl'}", "eval.n=4",
+                    "eval.temperature=1.0")
+    for key in ["pass@1", "pass@2", "pass@4", "maj@4", "reward_mean", "response_length"]:
+        assert key in proc.stdout
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("nanovppo").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["nanovppo.kind"] == "eval"
+    m = runs[0].data.metrics
+    assert m["eval/examples"] == 4 and 0.0 <= m["eval/pass_at_1"] <= m["eval/pass_at_4"] <= 1.0
+
+
+def test_evaluate_a_trained_run_by_checkpoint_and_by_run_id(tmp_path):
+    run_cli(tmp_path, "trainer.max_steps=1")
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("nanovppo").experiment_id
+    train_run = c.search_runs([exp])[0]
+    run_dir = train_run.data.tags["nanovppo.run_dir"]
+    base = ["task.n_train=50", "task.n_test=4"]
+    proc = run_eval(tmp_path, *base, f"eval.checkpoint={run_dir}")
+    assert "tiny-random@step_000001" in proc.stdout and "greedy_accuracy" in proc.stdout
+    proc = run_eval(tmp_path, *base, f"eval.run_id={train_run.info.run_id}")
+    evals = c.search_runs([exp], "tags.`nanovppo.kind` = 'eval'")
+    assert len(evals) == 2
+    assert {r.data.tags.get("nanovppo.evaluated_run") for r in evals} == {None, train_run.info.run_id}
+    bad = run_eval(tmp_path, *base, "eval.run_id=0123456789abcdef", check=False)
+    assert bad.returncode == 2 and "no such MLflow run" in bad.stderr
+    bad = run_eval(tmp_path, *base, "eval.n=4", check=False)
+    assert bad.returncode == 2 and "temperature" in bad.stderr

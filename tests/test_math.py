@@ -1,0 +1,151 @@
+"""MATH and GSM8K: answer extraction, grading, loading, and bad input."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from nanovppo.tasks.base import DatasetUnavailableError
+from nanovppo.tasks.grading import MathGrader, gsm8k_final_answer, last_boxed, normalize
+from nanovppo.tasks.math import GSM8KTask, MathTask
+
+FIX = Path(__file__).parent / "fixtures"
+
+# (gold, model's boxed answer, same?) - written for this project
+AGREEMENT = [
+    ("\\frac{1}{2}", "0.5", True),
+    ("\\frac{1}{2}", "\\dfrac12", True),
+    ("\\frac{3}{4}", "0.75", True),
+    ("\\frac{3}{4}", "\\frac{4}{3}", False),
+    ("50\\%", "50", True),
+    ("0.25", "\\frac{1}{4}", True),
+    ("11", "11.0", True),
+    ("1,000", "1000", True),
+    ("\\$5", "5", True),
+    ("5", "5\\text{ cm}", True),
+    ("90^\\circ", "90", True),
+    ("\\{-3, 3\\}", "\\{3, -3\\}", True),
+    ("(1, 5)", "(1,5)", True),
+    ("(1, 5)", "[1, 5]", False),
+    ("(2, 2)", "(2,2)", True),
+    ("\\begin{pmatrix} 2 & 0 \\\\ 0 & 2 \\end{pmatrix}", "\\begin{pmatrix}2&0\\\\0&2\\end{pmatrix}", True),
+    ("\\begin{pmatrix} 2 & 0 \\\\ 0 & 2 \\end{pmatrix}", "\\begin{pmatrix}2&0\\\\0&3\\end{pmatrix}", False),
+    ("x^2 + 1", "1 + x^2", True),
+    ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}", True),
+    ("2\\sqrt{2}", "\\sqrt{8}", True),
+    ("\\text{(C)}", "C", True),
+    ("7", "8", False),
+    ("-2", "2", False),
+    ("\\pi", "3.14", False),
+]
+
+
+@pytest.fixture(scope="module")
+def grader():
+    g = MathGrader(timeout=3.0)
+    yield g
+    g.close()
+
+
+@pytest.mark.parametrize("gold,answer,same", AGREEMENT, ids=[f"{g}|{a}" for g, a, _ in AGREEMENT])
+def test_grading_agreement(grader, gold, answer, same):
+    assert grader.equal(gold, answer) is same
+
+
+def test_last_boxed_handles_nesting_and_bad_input():
+    assert last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2^{3}}}") == "\\frac{1}{2^{3}}"
+    assert last_boxed("\\boxed 5") == "5"
+    assert last_boxed("no box") is None
+    assert last_boxed("\\boxed{unclosed {x}") is None
+    assert last_boxed("\\fbox{3}") == "3"
+
+
+ADVERSARIAL = [
+    "\\boxed{" + "{" * 20000 + "1" + "}" * 20000 + "}",
+    "\\boxed{" + "9" * 10000 + "}",
+    "\\boxed{1",
+    "x" * 100_000 + "\\boxed{",
+    "\\boxed{2^{2^{2^{2^{2^{2^{2^{2}}}}}}}}",
+    "\\boxed{\\frac{" * 500,
+    "\\boxed{}",
+]
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL, ids=range(len(ADVERSARIAL)))
+def test_adversarial_answers_score_zero_within_the_timeout(text):
+    task = MathTask(hub_id=None, data_files=str(FIX / "math_train.jsonl"),
+                    test_files=str(FIX / "math_test.jsonl"), grading_timeout=1.0)
+    t0 = time.perf_counter()
+    r = task.reward(text, {"gold": "1"})
+    assert r.total == 0.0
+    assert time.perf_counter() - t0 < 1.0 + 0.5
+    # a timeout leaves nothing behind: the next answer is graded normally
+    assert task.reward("so \\boxed{\\frac{2}{2}}", {"gold": "1"}).total == 1.0
+    task.grader.close()
+
+
+def test_math_fixture_loads_with_gold_answers_and_drops_unparseable(caplog):
+    task = MathTask(hub_id=None, data_files=str(FIX / "math_train.jsonl"),
+                    test_files=str(FIX / "math_test.jsonl"))
+    assert task.dropped == 1  # the training row without a boxed answer
+    assert len(task.test_examples) == 3
+    assert {ex["gold"] for ex in task.test_examples} == {"7", "\\frac{1}{2}", "8"}
+    # 12 training rows, one without any boxed answer in its solution
+    assert len(task.train_examples) == 11
+    assert "\\{-3, 3\\}" in {ex["gold"] for ex in task.train_examples}
+    held_out = MathTask(hub_id=None, data_files=str(FIX / "math_train.jsonl"), test_from_train=3)
+    assert held_out.dropped == 1 and len(held_out.test_examples) == 3
+    assert "dropped 1 of 12" in caplog.text
+    only = MathTask(hub_id=None, data_files=str(FIX / "math_train.jsonl"),
+                    test_files=str(FIX / "math_test.jsonl"), subjects=["Algebra"], levels=[1])
+    # Algebra, level 1: "Solve 2x + 6", "sqrt(16) + 1" and "y = x meets y = 2"
+    assert len(only.train_examples) == 3 and len(only.test_examples) == 3
+    ex = task.test_examples[0]
+    assert task.reward("steps... \\boxed{" + ex["gold"] + "}", ex).total == 1.0
+    assert task.reward("no box, just " + ex["gold"], ex).total == 0.0
+
+
+def test_math_templates_render_the_question():
+    for template in ("cot", "lcot", "qst"):
+        from tests.conftest import compose_cfg
+        from hydra.utils import instantiate
+
+        cfg = compose_cfg(["task=math", f"task.template={template}",
+                           f"task.data_files={FIX / 'math_train.jsonl'}",
+                           f"task.test_files={FIX / 'math_test.jsonl'}"])
+        task = instantiate(cfg.task)
+        content = task.messages({"question": "What is {x}?"})[-1]["content"]
+        assert content.startswith("What is {x}?") and "\\boxed{}" in content
+
+
+def test_gsm8k_numeric_answers():
+    task = GSM8KTask(hub_id=None, data_files=str(FIX / "gsm8k_train.jsonl"),
+                     test_files=str(FIX / "gsm8k_test.jsonl"))
+    assert task.dropped == 1 and len(task.train_examples) == 7 and len(task.test_examples) == 4
+    golds = {ex["gold"] for ex in task.train_examples}
+    assert {"2,400", "2.5", "-2"} <= golds
+    ex = {"gold": "2,400"}
+    assert task.reward("He earns \\boxed{\\$2,400}.", ex).total == 1.0
+    assert task.reward("1200 * 2 = 2400 dollars", ex).total == 1.0
+    assert task.reward("#### 2400.00", ex).total == 1.0
+    assert task.reward("2400 / 2 = 1200", ex).total == 0.0
+    assert task.reward("", ex).total == 0.0
+    assert task.reward("\\boxed{" + "9" * 10000 + "}", ex).total == 0.0
+    assert gsm8k_final_answer("a 1 b 22 c") == "22"
+
+
+def test_offline_hub_datasets_name_data_files(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "d"))
+    with pytest.raises(DatasetUnavailableError, match="task.data_files"):
+        GSM8KTask()
+    with pytest.raises(DatasetUnavailableError, match="task.data_files"):
+        MathTask(hub_configs=["algebra"])
+
+
+def test_normalize_by_hand():
+    assert normalize(" \\left( 1,000 \\right) ") == "(1,000)"
+    assert normalize("12.00") == "12"
+    assert normalize("\\dfrac{1}{2}") == "\\frac{1}{2}"
