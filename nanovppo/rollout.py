@@ -55,6 +55,9 @@ class Rollouts:
     def part_means(self) -> dict[str, float]:
         return {k: float(np.mean(v)) for k, v in self.parts.items() if v}
 
+    def part_stds(self) -> dict[str, float]:
+        return {k: float(np.std(v)) for k, v in self.parts.items() if v}
+
 
 def render_prompt(task, tokenizer, example: dict) -> list[int]:
     """Token ids of the chat prompt, ending with the task's assistant prefill."""

@@ -336,6 +336,7 @@ def train_step(step, cfg, source: RolloutSource, policy, ref, algo, optimizer, p
         "perf/gen_tokens_per_s": sum(lengths) / max(rollout_s, 1e-9),
     })
     metrics.update({f"train/{k}_mean": v for k, v in parts.items()})
+    metrics.update({f"train/{k}_std": v for k, v in ro.part_stds().items()})
     table = {"prompt": [], "completion": [], "reward": [], "finish_reason": []}
     for g, group in enumerate(ro.groups):
         for j, c in enumerate(group):

@@ -155,3 +155,19 @@ def test_a_task_from_the_users_own_module(tmp_path, monkeypatch):
     m = runs[0].data.metrics
     assert "train/concise_mean" in m and m["train/concise_mean"] >= 0
     assert runs[0].data.params["task._target_"] == "my_tasks.ConciseCountdown"
+
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("task,algo", [("gsm8k", "grpo"), ("math", "vppo"), ("math", "rft")])
+def test_math_tasks_train_with_each_algorithm(tmp_path, task, algo):
+    extra = ["algo.splitter=math"] if algo == "vppo" else []
+    extra += ["algo.threshold=0.0"] if algo == "rft" else []
+    run_cli(tmp_path, f"task={task}", f"algo={algo}", f"task.data_files={FIX / f'{task}_train.jsonl'}",
+            f"task.test_files={FIX / f'{task}_test.jsonl'}", "trainer.max_steps=1", *extra,
+            base=[t for t in TINY if not t.startswith("task.")])
+    c, runs = only_run(tmp_path)
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["task.name"] == task
+    assert "eval/accuracy" in runs[0].data.metrics

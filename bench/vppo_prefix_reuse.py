@@ -1,0 +1,65 @@
+"""VinePPO value estimation with and without reusing each prefix's KV cache (hf engine).
+
+    python bench/vppo_prefix_reuse.py [--prompts 8] [--group 4] [--mc 4] [--repeats 2]
+
+Samples one GRPO-sized batch of Countdown responses from SmolLM2-135M, then times
+VinePPO's Monte-Carlo value estimation on it twice per setting, alternating: with the
+engine prefilling each prefix once and copying its KV cache to the K continuations
+(``share_prefix=True``), and with every continuation prefilling its prefix itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from nanovppo.algos.vppo import VinePPO
+from nanovppo.engines.base import Sampling
+from nanovppo.models import load_model
+from nanovppo.rollout import RolloutSource
+from nanovppo.train import CONF_DIR
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--group", type=int, default=4)
+    p.add_argument("--mc", type=int, default=4)
+    p.add_argument("--max-steps", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["algo=vppo"])
+    torch.manual_seed(0)
+    task = instantiate(cfg.task)
+    model, tok = load_model(cfg.model, dtype=cfg.hardware.param_dtype)
+    engine = instantiate(cfg.inference_backend, model=model, tokenizer=tok, seed=0,
+                         _convert_="partial")
+    sampling = Sampling(n=args.group, temperature=1.0, max_new_tokens=cfg.rollout.max_new_tokens,
+                        stop=task.stop)
+    source = RolloutSource(task, tok, engine, sampling)
+    ro = source.collect(task.train_examples[: args.prompts])
+    algo = VinePPO(mc_rollouts=args.mc, splitter=cfg.algo.splitter, chunk_tokens=cfg.algo.chunk_tokens,
+                   max_steps=args.max_steps)
+    times = {True: [], False: []}
+    for _ in range(args.repeats):
+        for share in (True, False):
+            engine.share_prefix = share
+            t0 = time.perf_counter()
+            _, m = algo.make_samples(ro, source)
+            times[share].append(time.perf_counter() - t0)
+    with_, without = statistics.median(times[True]), statistics.median(times[False])
+    print(f"{args.prompts} prompts x {args.group} responses, {int(m['train/value_requests'])} "
+          f"states x {args.mc} continuations ({int(m['train/continuations'])} in all)")
+    print(f"value estimation, prefix KV reused : {with_:6.1f} s")
+    print(f"value estimation, prefilled each   : {without:6.1f} s")
+    print(f"speedup                            : {without / with_:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
