@@ -225,17 +225,17 @@ def evaluate(engine, task, tokenizer, cfg) -> dict:
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """Run (or resume) one training job described by ``cfg``; return its summary."""
-    cfg, run_dir, state = _prepare_run(cfg, run_dir)
+    cfg, run_dir, state, policy_cfg = _prepare_run(cfg, run_dir)
     if cfg.hardware.threads:
         torch.set_num_threads(int(cfg.hardware.threads))
     seed_everything(cfg.seed)
 
     task = instantiate(cfg.task)
-    policy, tokenizer = load_model(cfg.model, dtype=cfg.hardware.param_dtype)
+    policy, tokenizer = load_model(policy_cfg, dtype=cfg.hardware.param_dtype)
     policy.to(cfg.hardware.device)
     algo = instantiate(cfg.algo)
     ref = None
-    if algo.kl_coef > 0:
+    if algo.kl_coef > 0:  # the frozen *initial* policy, also when resuming
         ref, _ = load_model(cfg.model, dtype=cfg.hardware.param_dtype)
         ref.to(cfg.hardware.device).eval().requires_grad_(False)
     engine = instantiate(cfg.inference_backend, model=policy, tokenizer=tokenizer,
@@ -379,7 +379,8 @@ def _step_line(step: int, total: int, m: dict) -> str:
 # ----------------------------------------------------------------------------------------
 
 def _prepare_run(cfg: DictConfig, run_dir):
-    """The config, run folder and checkpoint state (None for a new run) of this job."""
+    """The config, run folder, checkpoint state (None for a new run) of this job, and the
+    model config the policy loads from (the latest checkpoint when resuming)."""
     state = None
     if cfg.get("resume"):
         run_dir = Path(str(cfg.resume))
@@ -391,13 +392,14 @@ def _prepare_run(cfg: DictConfig, run_dir):
         cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides))
         cfg.resume = str(run_dir)
         state = ckpt.load_state(latest)
-        cfg.model = OmegaConf.merge(cfg.model, {"source": "dir", "path": str(latest / "model")})
+        policy_cfg = OmegaConf.create({"name": cfg.model.name, "source": "dir",
+                                       "path": str(latest / "model")})
     elif run_dir is None:
         run_dir = _hydra_output_dir() or Path(cfg.paths.outputs) / "runs" / time.strftime(
             "%Y-%m-%d/%H-%M-%S")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return cfg, run_dir, state
+    return cfg, run_dir, state, (policy_cfg if state is not None else cfg.model)
 
 
 def _hydra_output_dir() -> Path | None:

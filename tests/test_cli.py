@@ -171,3 +171,17 @@ def test_math_tasks_train_with_each_algorithm(tmp_path, task, algo):
     assert runs[0].info.status == "FINISHED"
     assert runs[0].data.params["task.name"] == task
     assert "eval/accuracy" in runs[0].data.metrics
+
+
+def test_resume_keeps_the_initial_policy_as_kl_reference(tmp_path):
+    common = ["algo.kl_coef=0.1", "algo.lr=1e-3", "trainer.checkpoint_every=1"]
+    run_cli(tmp_path, "trainer.max_steps=1", *common)
+    c, runs = only_run(tmp_path)
+    run_dir = runs[0].data.tags["nanovppo.run_dir"]
+    run_cli(tmp_path, f"resume={run_dir}", "trainer.max_steps=2")
+    kl = {m.step: m.value for m in c.get_metric_history(runs[0].info.run_id, "train/kl")}
+    # step 1's single minibatch starts at the reference: KL 0. Step 2 starts from the
+    # checkpoint, which moved away from the initial policy: KL > 0 (it would be 0 if the
+    # resumed run took the checkpoint as its reference).
+    assert kl[1] == pytest.approx(0.0, abs=1e-6)
+    assert kl[2] > 1e-6

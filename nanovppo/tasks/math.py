@@ -64,6 +64,28 @@ class _AnswerTask(Task):
         if not self.train_examples:
             raise DatasetUnavailableError(f"{self.name}: no usable training examples")
 
+    def _keep(self, row: dict) -> bool:
+        """Whether a row passes the task's filters (subjects, levels)."""
+        return True
+
+    def _example(self, row: dict) -> dict | None:
+        """``{"question", "gold"}`` of a row, or None when its gold answer cannot be parsed."""
+        raise NotImplementedError
+
+    def _prepare(self, rows: list[dict]) -> list[dict]:
+        out, dropped = [], 0
+        for row in filter(self._keep, rows):
+            example = self._example(row)
+            if example is None:
+                dropped += 1
+            else:
+                out.append(example)
+        if dropped:
+            log.warning("%s: dropped %d of %d examples whose gold answer cannot be parsed",
+                        self.name, dropped, len(rows))
+        self.dropped += dropped
+        return out
+
     def messages(self, example: dict) -> list[dict[str, str]]:
         msgs = []
         if self.system_prompt:
@@ -112,23 +134,16 @@ class MathTask(_AnswerTask):
         solution = row.get(self.solution_field)
         return last_boxed(solution) if isinstance(solution, str) else None
 
-    def _prepare(self, rows: list[dict]) -> list[dict]:
-        out, dropped = [], 0
-        for r in rows:
-            if self.subjects and str(r.get("type", r.get("subject", ""))) not in self.subjects:
-                continue
-            if self.levels and str(r.get("level", "")).replace("Level ", "") not in self.levels:
-                continue
-            gold = self.gold_of(r)
-            if gold is None or not gold.strip():
-                dropped += 1
-                continue
-            out.append({"question": r[self.problem_field], "gold": gold.strip()})
-        if dropped:
-            log.warning("%s: dropped %d of %d examples whose gold answer cannot be parsed",
-                        self.name, dropped, len(rows))
-        self.dropped += dropped
-        return out
+    def _keep(self, row: dict) -> bool:
+        if self.subjects and str(row.get("type", row.get("subject", ""))) not in self.subjects:
+            return False
+        return not (self.levels and str(row.get("level", "")).replace("Level ", "") not in self.levels)
+
+    def _example(self, row: dict) -> dict | None:
+        gold = self.gold_of(row)
+        if gold is None or not gold.strip():
+            return None
+        return {"question": row[self.problem_field], "gold": gold.strip()}
 
     def final_answer(self, response: str) -> str | None:
         return last_boxed(response)
@@ -161,20 +176,12 @@ class GSM8KTask(_AnswerTask):
                                              test_files, "test", required))
         self._finish_loading(self._prepare(train), test, test_from_train)
 
-    def _prepare(self, rows: list[dict]) -> list[dict]:
-        out, dropped = [], 0
-        for r in rows:
-            answer = str(r[self.answer_field])
-            gold = answer[answer.rfind("####") + 4:] if "####" in answer else answer
-            if parse_number(gold) is None:
-                dropped += 1
-                continue
-            out.append({"question": r[self.question_field], "gold": gold.strip()})
-        if dropped:
-            log.warning("%s: dropped %d of %d examples whose gold answer cannot be parsed",
-                        self.name, dropped, len(rows))
-        self.dropped += dropped
-        return out
+    def _example(self, row: dict) -> dict | None:
+        answer = str(row[self.answer_field])
+        gold = answer[answer.rfind("####") + 4:] if "####" in answer else answer
+        if parse_number(gold) is None:
+            return None
+        return {"question": row[self.question_field], "gold": gold.strip()}
 
     def final_answer(self, response: str) -> str | None:
         answer = gsm8k_final_answer(response)
