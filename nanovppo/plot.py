@@ -34,7 +34,9 @@ def collect(client: MlflowClient, experiment: str | None, run_ids: list[str] | N
             raise SystemExit(f"error: no MLflow experiment named {experiment!r}")
         runs = client.search_runs([exp.experiment_id], filter_string=filter_string,
                                   max_results=5000)
-    runs = [r for r in runs if r.data.tags.get("nanovppo.kind") != "plot"]
+    # plots and evaluations are not training curves; failed or killed runs stop early
+    runs = [r for r in runs if not r.data.tags.get("nanovppo.kind")
+            and r.info.status in ("FINISHED", "RUNNING")]
     if not runs:
         raise SystemExit("error: no runs matched")
     data: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))

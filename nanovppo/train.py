@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -494,8 +495,15 @@ def _plot_rewards(tracker: Tracker, run_dir: Path) -> Path:
     return path
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    # A scheduler's SIGTERM (SLURM preemption, `kill`) ends the run like Ctrl-C: the MLflow
+    # run is marked KILLED and `resume=` continues it from the last checkpoint.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         train(cfg)
     except (NanovppoError, InstantiationException) as e:

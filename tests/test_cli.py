@@ -193,3 +193,30 @@ def test_resume_keeps_the_initial_policy_as_kl_reference(tmp_path, monkeypatch):
     # resumed run took the checkpoint as its reference).
     assert kl[1] == pytest.approx(0.0, abs=1e-6)
     assert kl[2] > 1e-6
+
+
+def test_sigterm_marks_the_run_killed_and_it_resumes(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "nanovppo.train", *TINY, f"paths.outputs={tmp_path}",
+           "trainer.max_steps=1000", "trainer.checkpoint_every=1"]
+    log_file = open(tmp_path / "train.log", "w")  # not a pipe: nobody would drain it
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(tmp_path.glob("runs/*/*/checkpoints/step_*"))) < 2:
+        time.sleep(0.2)  # two checkpoints kept: at least two steps done
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    log_file.close()
+    c, runs = only_run(tmp_path)
+    assert runs[0].info.status == "KILLED"
+    run_dir = runs[0].data.tags["nanovppo.run_dir"]
+    last = max(m.step for m in c.get_metric_history(runs[0].info.run_id, "train/reward_mean"))
+    run_cli(tmp_path, f"resume={run_dir}", f"trainer.max_steps={last + 1}")
+    c, runs = only_run(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in c.get_metric_history(runs[0].info.run_id, "train/reward_mean")]
+    assert sorted(steps) == list(range(1, last + 2)), "every step once, none lost"
