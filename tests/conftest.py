@@ -30,3 +30,12 @@ def tiny():
 
     cfg = compose_cfg(["model=tiny-random"])
     return load_model(cfg.model, dtype="float32")
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """No hub and an empty dataset cache: every hub dataset is out of reach."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))

@@ -152,11 +152,7 @@ def test_local_file_and_its_errors(tmp_path):
         CountdownTask(source="file", data_files=str(tmp_path / "missing.json"))
 
 
-def test_uncached_hub_dataset_names_data_files(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+def test_uncached_hub_dataset_names_data_files(offline_hub):
     with pytest.raises(DatasetUnavailableError, match="task.data_files"):
         CountdownTask(source="hub", hub_id="Jiayi-Pan/Countdown-Tasks-3to4")
 

@@ -134,11 +134,7 @@ def test_gsm8k_numeric_answers():
     assert gsm8k_final_answer("a 1 b 22 c") == "22"
 
 
-def test_offline_hub_datasets_name_data_files(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "d"))
+def test_offline_hub_datasets_name_data_files(offline_hub):
     with pytest.raises(DatasetUnavailableError, match="task.data_files"):
         GSM8KTask()
     with pytest.raises(DatasetUnavailableError, match="task.data_files"):
