@@ -53,10 +53,6 @@ class Task:
         """The response's final answer, normalised for comparison (None if it has none)."""
         return None
 
-    @property
-    def reward_parts(self) -> list[str]:
-        """Names of the reward parts, in logging order."""
-        raise NotImplementedError
 
 
 def load_records(hub_id: str | None, data_files: str | Sequence[str] | None,

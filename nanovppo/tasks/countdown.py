@@ -173,9 +173,6 @@ class CountdownTask(Task):
         else:
             raise ConfigError(f"task.source must be generate, hub or file, not {source!r}")
 
-    @property
-    def reward_parts(self) -> list[str]:
-        return ["answer", "format", *(f"format_{p}" for p in FORMAT_PARTS)]
 
     def final_answer(self, response: str) -> str | None:
         answer = last_answer(response)

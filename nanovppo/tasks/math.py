@@ -95,9 +95,6 @@ class _AnswerTask(Task):
                      "content": self.user_template.replace("{question}", example["question"])})
         return msgs
 
-    @property
-    def reward_parts(self) -> list[str]:
-        return ["answer", "format"]
 
 
 class MathTask(_AnswerTask):
