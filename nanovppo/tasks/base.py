@@ -54,7 +54,6 @@ class Task:
         return None
 
 
-
 def load_records(hub_id: str | None, data_files: str | Sequence[str] | None,
                  split: str, required: Sequence[str], hub_config: str | None = None) -> list[dict]:
     """Rows of a local JSON/JSONL/Parquet file or a hub dataset, checked for ``required`` fields."""

@@ -173,7 +173,6 @@ class CountdownTask(Task):
         else:
             raise ConfigError(f"task.source must be generate, hub or file, not {source!r}")
 
-
     def final_answer(self, response: str) -> str | None:
         answer = last_answer(response)
         return None if answer is None else "".join(answer.split())
