@@ -2,7 +2,7 @@
 
 ``<run dir>/checkpoints/step_000010/`` holds the model and tokenizer in HF format
 (``model/``), the optimizer, scheduler and RNG states, the step and the MLflow run id
-(``state.pt``), and the resolved config (``config.yaml``). A checkpoint is written to a
+(``state.pt``; RNG and engine states one per rank), and the resolved config (``config.yaml``). A checkpoint is written to a
 temporary folder and renamed into place, so a crash while saving never leaves a partial
 one that a resume would pick up.
 """
@@ -32,18 +32,20 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(run_dir: str | Path, step: int, cfg, model, tokenizer, optimizer,
-                    scheduler, extra: dict, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, cfg, model, tokenizer, optimizer_state: dict,
+                    scheduler, extra: dict, keep: int = 2, model_state: dict | None = None) -> Path:
+    """Write step ``step``'s checkpoint; ``model_state`` replaces ``model``'s own tensors
+    (the whole tensors gathered from a sharded model)."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "model").mkdir(parents=True)
-    model.save_pretrained(tmp / "model")
+    model.save_pretrained(tmp / "model", state_dict=model_state)
     tokenizer.save_pretrained(tmp / "model")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng_state(), **extra},
+    torch.save({"step": step, "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(), **extra},
                tmp / "state.pt")
     OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
     if final.exists():

@@ -138,3 +138,21 @@ def _head_logprobs(model, hidden, targets, cmask, temperature, chunk_rows, with_
     if with_entropy:
         return logp, torch.cat(ents) * cmask
     return logp
+
+
+class GroupLogprobs(torch.nn.Module):
+    """``group_logprobs`` of a policy as a module's forward.
+
+    The trainer wraps this module (not the policy) in DDP or FSDP2, so that every forward
+    of an update, the prompt pass, the completion pass and the output head, runs inside
+    one ``forward`` call: where DDP prepares its gradient reduction and FSDP2 gathers the
+    root's parameters (embeddings, final norm, tied head).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: GroupBatch, temperature: float = 1.0, chunk_rows: int = 4,
+                with_entropy: bool = False):
+        return group_logprobs(self.model, batch, temperature, chunk_rows, with_entropy)

@@ -14,6 +14,7 @@ into advantages and updates the policy; the engine gets the new weights; the tra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -33,9 +34,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from nanovppo import checkpoint as ckpt
+from nanovppo import distributed as dd
 from nanovppo.errors import ConfigError, NanovppoError
 from nanovppo.engines.base import Sampling
-from nanovppo.logprobs import group_logprobs, pad_groups
+from nanovppo.logprobs import GroupLogprobs, pad_groups
 from nanovppo.rollout import RolloutSource, Sample
 from nanovppo.models import load_model, to_dtype
 from nanovppo.tracking import Tracker, default_tracking_uri, flatten
@@ -69,10 +71,11 @@ def examples_for_step(n_examples: int, per_step: int, seed: int, step: int) -> l
 
 
 def autocast_ctx(cfg):
+    device = "cuda" if str(cfg.hardware.device).startswith("cuda") else "cpu"
     dtype = to_dtype(cfg.hardware.compute_dtype)
     if dtype == to_dtype(cfg.hardware.param_dtype):
-        return torch.autocast(cfg.hardware.device, enabled=False)
-    return torch.autocast(cfg.hardware.device, dtype=dtype)
+        return torch.autocast(device, enabled=False)
+    return torch.autocast(device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -97,7 +100,12 @@ def micro_batches(samples: list[Sample], size: int) -> list[list[Sample]]:
 
 
 def _logprobs(model, mb: list[Sample], pad_id: int, cfg, with_entropy=False):
-    """Log-probs [b, C] of a micro-batch (entropy too if asked), each prompt run once."""
+    """Log-probs [b, C] of a micro-batch (entropy too if asked), each prompt run once.
+
+    ``model`` is a ``GroupLogprobs`` module (possibly DDP- or FSDP2-wrapped). An empty
+    micro-batch stands for a rank that has less work than the others: it runs a one-token
+    forward so that every rank makes the same collective calls.
+    """
     prompts, completions, seen = [], [], {}
     for s in mb:  # samples of a group are adjacent (see micro_batches)
         if s.group not in seen:
@@ -105,10 +113,13 @@ def _logprobs(model, mb: list[Sample], pad_id: int, cfg, with_entropy=False):
             prompts.append(s.prompt_ids)
             completions.append([])
         completions[seen[s.group]].append(s.completion_ids)
+    if not mb:
+        prompts, completions = [[pad_id]], [[[pad_id]]]
     batch = pad_groups(prompts, completions, pad_id)
+    if not mb:
+        batch = batch._replace(completion_mask=torch.zeros_like(batch.completion_mask))
     with autocast_ctx(cfg):
-        out = group_logprobs(model, batch, cfg.rollout.temperature,
-                             cfg.trainer.logprob_chunk_rows, with_entropy)
+        out = model(batch, cfg.rollout.temperature, cfg.trainer.logprob_chunk_rows, with_entropy)
     return out, batch
 
 
@@ -117,46 +128,111 @@ def precompute_logprobs(model, batches, pad_id, cfg) -> list[torch.Tensor]:
     return [_logprobs(model, mb, pad_id, cfg)[0] for mb in batches]
 
 
-def split_groups(samples: list[Sample], parts: int, rng: random.Random) -> list[list[Sample]]:
-    """Shuffle the groups and deal them into ``parts`` minibatches (a group is never split)."""
-    ids = sorted({s.group for s in samples})
-    rng.shuffle(ids)
-    per = math.ceil(len(ids) / parts)
-    chunks = [set(ids[i:i + per]) for i in range(0, len(ids), per)]
-    return [[s for s in samples if s.group in chunk] for chunk in chunks]
+def _sample_logprobs(model, samples: list[Sample], pad_id, cfg, d: dd.Dist) -> dict:
+    """The current policy's log-probs of each sample's completion: {id(sample): [C_s]}."""
+    batches = micro_batches(samples, cfg.trainer.micro_batch_size)
+    most = int(dd.all_reduce_max([float(len(batches))], d)[0])
+    batches += [[]] * (most - len(batches))
+    out = {}
+    for mb, logp in zip(batches, precompute_logprobs(model, batches, pad_id, cfg)):
+        for r, s in enumerate(mb):
+            out[id(s)] = logp[r, :len(s.completion_ids)]
+    return out
 
 
-def update(policy, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int, step: int) -> dict:
-    """One training step's optimisation over the scored samples; returns its metrics."""
+def _stack(mb: list[Sample], per_sample: dict, width: int) -> torch.Tensor:
+    """[b, width] right-padded rows of ``per_sample`` for the samples of ``mb``."""
+    out = torch.zeros(len(mb), width)
+    for r, s in enumerate(mb):
+        row = per_sample[id(s)]
+        out[r, :len(row)] = row
+    return out
+
+
+def split_groups(samples: list[Sample], parts: int, rng: random.Random,
+                 d: dd.Dist = dd.Dist()) -> list[list[Sample]]:
+    """Shuffle the groups and deal them into ``parts`` minibatches (a group is never split;
+    with fewer groups than parts some minibatches are empty).
+
+    Under torchrun rank r's group g is the job's group g * world + r (the prompts of a step
+    are dealt round-robin), and all ranks shuffle the job's groups with the same ``rng``:
+    a minibatch holds the same groups as it would in one process.
+    """
+    local = sorted({s.group for s in samples})
+    glob = {g: g * d.world + d.rank for g in local}
+    n = int(dd.all_reduce_max([float(max(glob.values(), default=-1) + 1)], d)[0])
+    order = list(range(n))
+    rng.shuffle(order)
+    position = {g: i for i, g in enumerate(order)}
+    per = max(1, math.ceil(n / parts))
+    part_of = {g: min(position[glob[g]] // per, parts - 1) for g in local}
+    return [[s for s in samples if part_of[s.group] == i] for i in range(parts)]
+
+
+def _grad_sync(model, on: bool):
+    """Whether this backward pass reduces gradients across ranks (only a minibatch's last
+    micro-batch does; the others accumulate locally)."""
+    if hasattr(model, "no_sync"):  # DDP
+        return contextlib.nullcontext() if on else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(on)
+    return contextlib.nullcontext()
+
+
+def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int, step: int,
+           d: dd.Dist = dd.Dist()) -> dict:
+    """One training step's optimisation over this rank's scored samples; returns metrics
+    for the whole job. ``model`` and ``ref`` are ``GroupLogprobs`` modules."""
     norm_len = cfg.rollout.max_new_tokens
-    rng = random.Random(cfg.seed * 1_000_003 + step)
+    rng = random.Random(cfg.seed * 1_000_003 + step)  # the same on every rank
     totals = {"loss": 0.0, "clip_tokens": 0.0, "kl_tokens": 0.0, "entropy_tokens": 0.0,
-              "tokens": 0.0, "grad_norm": [], "entropy_count": 0.0}
+              "tokens": 0.0, "entropy_count": 0.0}
+    grad_norms = []
     # With one pass and one minibatch the policy has not moved since sampling, so the
     # "old" log-probs are the current ones (detached): no extra forward is needed.
     reuse_current = algo.ppo_epochs == 1 and algo.num_minibatches == 1
     plan = [[micro_batches(mb, cfg.trainer.micro_batch_size)
-             for mb in split_groups(samples, algo.num_minibatches, rng)]
+             for mb in split_groups(samples, algo.num_minibatches, rng, d)]
             for _ in range(algo.ppo_epochs)]
+    if d.on:  # every rank runs as many micro-batches as the busiest one (empty ones pad)
+        counts = [len(b) for epoch in plan for b in epoch]
+        most = dd.all_reduce_max(counts, d)
+        flat = [b + [[]] * (int(m) - len(b)) for b, m in
+                zip([b for epoch in plan for b in epoch], most)]
+        plan = [flat[e * algo.num_minibatches:(e + 1) * algo.num_minibatches]
+                for e in range(algo.ppo_epochs)]
+    # PPO's "old" log-probs are those of the policy that sampled, i.e. before this step's
+    # first optimizer step: computed once for every sample.
+    old = None if reuse_current else _sample_logprobs(model, samples, pad_id, cfg, d)
+    refs = None if ref is None else _sample_logprobs(ref, samples, pad_id, cfg, d)
     bar = tqdm(total=sum(len(b) for epoch in plan for b in epoch), desc="update", unit="mb",
-               leave=False, disable=not cfg.trainer.progress)
-    policy.train()
+               leave=False, disable=not cfg.trainer.progress or not d.main)
+    model.train()
     for epoch, minibatches in enumerate(plan):
         for batches in minibatches:
-            old = None if reuse_current else precompute_logprobs(policy, batches, pad_id, cfg)
-            refs = precompute_logprobs(ref, batches, pad_id, cfg) if ref is not None else None
             masks = [_train_mask(mb, algo) for mb in batches]
-            n_tokens = max(1.0, sum(m.sum().item() for m in masks))
-            n_seqs = max(1.0, float(sum((m.sum(-1) > 0).sum().item() for m in masks)))
+            # Normalisers count the minibatch over all ranks; the loss is scaled by the
+            # world size because the ranks average their gradients (module doc of
+            # nanovppo/distributed.py).
+            n_tokens, n_seqs = dd.all_reduce_sum(
+                [sum(m.sum().item() for m in masks),
+                 float(sum((m.sum(-1) > 0).sum().item() for m in masks))], d)
+            n_tokens, n_seqs = max(1.0, n_tokens), max(1.0, n_seqs)
             optimizer.zero_grad(set_to_none=True)
             for i, mb in enumerate(batches):
-                (logp, ent), batch = _logprobs(policy, mb, pad_id, cfg, with_entropy=True)
-                mask = masks[i]
-                adv = _advantages(mb, mask.shape[1])                              # [b, C]
-                old_logp = logp.detach() if old is None else old[i]
-                loss, stats = algo.loss(logp, old_logp, None if refs is None else refs[i],
-                                        adv, mask, n_tokens, n_seqs, norm_len)
-                loss.backward()
+                with _grad_sync(model, i == len(batches) - 1):
+                    (logp, ent), batch = _logprobs(model, mb, pad_id, cfg, with_entropy=True)
+                    mask = masks[i]
+                    if not mb:
+                        (logp.sum() * 0.0).backward()
+                        bar.update()
+                        continue
+                    adv = _advantages(mb, mask.shape[1])                          # [b, C]
+                    old_logp = logp.detach() if old is None else _stack(mb, old, logp.shape[1])
+                    ref_logp = None if refs is None else _stack(mb, refs, logp.shape[1])
+                    loss, stats = algo.loss(logp, old_logp, ref_logp,
+                                            adv, mask, n_tokens, n_seqs, norm_len)
+                    (loss * d.world).backward()
                 totals["loss"] += loss.item()
                 totals["clip_tokens"] += stats["clip_tokens"]
                 totals["kl_tokens"] += stats.get("kl_tokens", 0.0)
@@ -166,19 +242,22 @@ def update(policy, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int
                     totals["entropy_count"] += batch.completion_mask.sum().item()
                 bar.update()
             clip = cfg.trainer.max_grad_norm
-            norm = torch.nn.utils.clip_grad_norm_(policy.parameters(),
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                   clip if clip else float("inf"))
-            totals["grad_norm"].append(norm.item())
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            grad_norms.append(norm.item())
             optimizer.step()
     bar.close()
     optimizer.zero_grad(set_to_none=True)
+    keys = sorted(totals)
+    totals = dict(zip(keys, dd.all_reduce_sum([totals[k] for k in keys], d)))
     tokens = max(totals["tokens"], 1.0)
     updates = max(1, algo.ppo_epochs * algo.num_minibatches)
     return {"train/loss": totals["loss"] / updates,
             "train/clip_frac": totals["clip_tokens"] / tokens,
             "train/kl": totals["kl_tokens"] / tokens,
             "train/entropy": totals["entropy_tokens"] / max(totals["entropy_count"], 1.0),
-            "train/grad_norm": float(np.mean(totals["grad_norm"]))}
+            "train/grad_norm": float(np.mean(grad_norms))}
 
 
 def _advantages(mb: list[Sample], width: int) -> torch.Tensor:
@@ -194,7 +273,7 @@ def _advantages(mb: list[Sample], width: int) -> torch.Tensor:
 
 def _train_mask(mb: list[Sample], algo) -> torch.Tensor:
     """[b, C] mask of tokens that carry loss (truncated completions dropped if asked)."""
-    width = max(1, max(len(s.completion_ids) for s in mb))
+    width = max([1] + [len(s.completion_ids) for s in mb])
     mask = torch.zeros(len(mb), width)
     for r, s in enumerate(mb):
         if not (algo.mask_truncated and s.truncated):
@@ -206,18 +285,32 @@ def _train_mask(mb: list[Sample], algo) -> torch.Tensor:
 # Evaluation
 # ----------------------------------------------------------------------------------------
 
-def evaluate(engine, task, tokenizer, cfg) -> dict:
-    """Greedy decoding on held-out test prompts."""
+def evaluate(engine, task, tokenizer, cfg, d: dd.Dist = dd.Dist()) -> dict:
+    """Greedy decoding on held-out test prompts (each rank takes its share)."""
     examples = task.test_examples[: cfg.trainer.eval_examples]
     if not examples:
         return {}
+    mine = examples[d.rank::d.world]
     greedy = Sampling(n=1, temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
                       stop=task.stop)
-    ro = RolloutSource(task, tokenizer, engine, greedy).collect(examples)
-    out = {"eval/reward_mean": ro.rewards.mean().item()}
-    out.update({f"eval/{k}_mean": v for k, v in ro.part_means().items()})
-    out["eval/accuracy"] = ro.part_means().get("answer", 0.0)
+    sums: dict[str, float] = {"reward": 0.0}
+    if mine:
+        ro = RolloutSource(task, tokenizer, engine, greedy).collect(mine)
+        sums["reward"] = ro.rewards.sum().item()
+        sums.update({k: float(np.sum(v)) for k, v in ro.parts.items()})
+    keys = ["reward", *task_part_names(task)]
+    total = dd.all_reduce_sum([sums.get(k, 0.0) for k in keys], d)
+    means = {k: v / len(examples) for k, v in zip(keys, total)}
+    out = {"eval/reward_mean": means.pop("reward")}
+    out.update({f"eval/{k}_mean": v for k, v in means.items()})
+    out["eval/accuracy"] = means.get("answer", 0.0)
     return out
+
+
+def task_part_names(task) -> list[str]:
+    """Names of the reward parts of ``task`` (same on every rank), from a sample score."""
+    ex = (task.test_examples or task.train_examples)[0]
+    return sorted(task.reward("", ex).parts)
 
 
 # ----------------------------------------------------------------------------------------
@@ -225,24 +318,47 @@ def evaluate(engine, task, tokenizer, cfg) -> dict:
 # ----------------------------------------------------------------------------------------
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
-    """Run (or resume) one training job described by ``cfg``; return its summary."""
-    cfg, run_dir, state, policy_cfg = _prepare_run(cfg, run_dir)
+    """Run (or resume) one training job described by ``cfg``; return its summary.
+
+    Under torchrun every rank calls this; rank 0 logs and writes checkpoints.
+    """
+    d = dd.init(str(cfg.hardware.device))
+    try:
+        return _train(cfg, run_dir, d)
+    finally:
+        dd.shutdown()
+
+
+def _train(cfg: DictConfig, run_dir, d: dd.Dist) -> dict:
+    cfg, run_dir, state, policy_cfg = _prepare_run(cfg, run_dir, d)
     if cfg.hardware.threads:
         torch.set_num_threads(int(cfg.hardware.threads))
-    seed_everything(cfg.seed)
+    if cfg.trainer.prompts_per_step % d.world:
+        raise ConfigError(f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} must be a "
+                          f"multiple of the number of processes ({d.world})")
+    seed_everything(cfg.seed + d.rank)
+    device = dd.device_for(str(cfg.hardware.device), d)
+    strategy = str(cfg.hardware.get("strategy", "ddp"))
 
     task = instantiate(cfg.task)
     policy, tokenizer = load_model(policy_cfg, dtype=cfg.hardware.param_dtype)
-    policy.to(cfg.hardware.device)
+    policy.to(device)
+    if cfg.hardware.get("gradient_checkpointing"):
+        policy.gradient_checkpointing_enable()
     algo = instantiate(cfg.algo)
     ref = None
     if algo.kl_coef > 0:  # the frozen *initial* policy, also when resuming
-        ref, _ = load_model(cfg.model, dtype=cfg.hardware.param_dtype)
-        ref.to(cfg.hardware.device).eval().requires_grad_(False)
+        ref_model, _ = load_model(cfg.model, dtype=cfg.hardware.param_dtype)
+        ref = GroupLogprobs(ref_model.to(device).eval().requires_grad_(False))
+    # The engine is built before sharding: an hf engine under FSDP2 keeps its own whole
+    # copy (a sharded module cannot sample on one rank alone).
+    extra = {"copy_model": True} if (cfg.inference_backend.name == "hf" and d.on
+                                     and strategy == "fsdp2") else {}
     engine = instantiate(cfg.inference_backend, model=policy, tokenizer=tokenizer,
-                         seed=cfg.seed, _convert_="partial")
-    engine.progress = cfg.trainer.progress
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=algo.lr,
+                         seed=cfg.seed + 1009 * d.rank, _convert_="partial", **extra)
+    engine.progress = cfg.trainer.progress and d.main
+    model = dd.wrap(GroupLogprobs(policy), strategy, d, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=algo.lr,
                                   betas=tuple(cfg.trainer.adam_betas),
                                   weight_decay=cfg.trainer.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
@@ -250,13 +366,18 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     start_step = 0
     if state is not None:
         start_step = state["step"]
-        optimizer.load_state_dict(state["optimizer"])
+        ranks = state.get("ranks") or [{"rng": state["rng"], "engine": state["engine"]}]
+        if len(ranks) != d.world:
+            raise ConfigError(f"resume={run_dir}: the run used {len(ranks)} process(es); "
+                              f"resume it with the same number, not {d.world}")
+        dd.load_optimizer_state(model, optimizer, state["optimizer"], d)
         scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        engine.load_state_dict(state["engine"])
-        log.info("resuming %s from step %d", run_dir, start_step)
+        ckpt.set_rng_state(ranks[d.rank]["rng"])
+        engine.load_state_dict(ranks[d.rank]["engine"])
+        if d.main:
+            log.info("resuming %s from step %d", run_dir, start_step)
 
-    tracker = _make_tracker(cfg, run_dir, state)
+    tracker = _make_tracker(cfg, run_dir, state) if d.main else None
     pad_id = tokenizer.pad_token_id
     sampling = Sampling(n=algo.group_size, temperature=cfg.rollout.temperature,
                         top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
@@ -266,43 +387,64 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     status = "FAILED"
     try:
         for step in range(start_step + 1, cfg.trainer.max_steps + 1):
-            metrics, samples_table = train_step(step, cfg, source, policy, ref, algo,
-                                                optimizer, pad_id)
+            metrics, samples_table = train_step(step, cfg, source, policy, model, ref, algo,
+                                                optimizer, pad_id, d)
             scheduler.step()
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 \
                     or step == cfg.trainer.max_steps:
                 t0 = time.perf_counter()
-                metrics.update(evaluate(engine, task, tokenizer, cfg))
+                metrics.update(evaluate(engine, task, tokenizer, cfg, d))
                 metrics["perf/eval_s"] = time.perf_counter() - t0
-            if tracker.log_metrics(metrics, step) and cfg.trainer.samples_every \
-                    and step % cfg.trainer.samples_every == 0:
-                tracker.log_table(samples_table, f"samples/step_{step:06d}.json")
-            log.info(_step_line(step, cfg.trainer.max_steps, metrics))
+            if d.main:
+                if tracker.log_metrics(metrics, step) and cfg.trainer.samples_every \
+                        and step % cfg.trainer.samples_every == 0:
+                    tracker.log_table(samples_table, f"samples/step_{step:06d}.json")
+                log.info(_step_line(step, cfg.trainer.max_steps, metrics))
             every = cfg.trainer.checkpoint_every
             if (every and step % every == 0) or step == cfg.trainer.max_steps:
-                last_ckpt = ckpt.save_checkpoint(
-                    run_dir, step, cfg, policy, tokenizer, optimizer, scheduler,
-                    {"mlflow_run_id": tracker.run_id, "engine": engine.state_dict()},
-                    keep=cfg.trainer.keep_checkpoints)
+                last_ckpt = _save_checkpoint(run_dir, step, cfg, model, policy, tokenizer,
+                                             optimizer, scheduler, engine, tracker, d)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        summary = _finish(tracker, cfg, run_dir, last_ckpt, status)
         engine.close()
+        summary = _finish(tracker, cfg, run_dir, last_ckpt, status) if d.main else {
+            "status": status, "run_dir": str(run_dir), "rank": d.rank}
     return summary
 
 
-def train_step(step, cfg, source: RolloutSource, policy, ref, algo, optimizer, pad_id):
-    """Rollout, reward, experience and update for one step; returns (metrics, samples table)."""
+def _save_checkpoint(run_dir, step, cfg, model, policy, tokenizer, optimizer, scheduler,
+                     engine, tracker, d: dd.Dist):
+    """Every rank contributes (whole FSDP2 tensors are gathered); rank 0 writes."""
+    model_state, optim_state = dd.full_state_dicts(model, optimizer, d)
+    ranks = dd.gather_objects({"rng": ckpt.rng_state(), "engine": engine.state_dict()}, d)
+    path = None
+    if d.main:
+        prefix = "model."  # the keys of GroupLogprobs(policy)
+        if d.on:
+            model_state = {k[len(prefix):] if k.startswith(prefix) else k: v
+                           for k, v in model_state.items()}
+        path = ckpt.save_checkpoint(
+            run_dir, step, cfg, policy, tokenizer, optim_state, scheduler,
+            {"mlflow_run_id": tracker.run_id, "ranks": ranks, "world_size": d.world},
+            keep=cfg.trainer.keep_checkpoints, model_state=model_state if d.on else None)
+    dd.barrier(d)
+    return path
+
+
+def train_step(step, cfg, source: RolloutSource, policy, model, ref, algo, optimizer, pad_id,
+               d: dd.Dist = dd.Dist()):
+    """Rollout, reward, experience and update for one step on this rank's share of the
+    prompts; returns (metrics of the whole job, this rank's samples table)."""
     task, engine = source.task, source.engine
     t_start = time.perf_counter()
     n_train = len(task.train_examples)
-    idx = examples_for_step(n_train, cfg.trainer.prompts_per_step, cfg.seed, step)
+    idx = examples_for_step(n_train, cfg.trainer.prompts_per_step, cfg.seed, step)[d.rank::d.world]
     extra = iter(range(1, 1_000_000))
     source.extra_examples = lambda k: [task.train_examples[i] for i in examples_for_step(
-        n_train, k, cfg.seed + 7919 * next(extra), step)]
+        n_train, k, cfg.seed + 7919 * next(extra) + 104_729 * d.rank, step)]
 
     t0 = time.perf_counter()
     ro = source.collect([task.train_examples[i] for i in idx])
@@ -313,12 +455,16 @@ def train_step(step, cfg, source: RolloutSource, policy, ref, algo, optimizer, p
     experience_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if samples:
-        metrics.update(update(policy, ref, algo, samples, cfg, optimizer, pad_id, step))
+    if dd.all_reduce_sum([float(len(samples))], d)[0] > 0:
+        engine.sleep()
+        metrics.update(update(model, ref, algo, samples, cfg, optimizer, pad_id, step, d))
+        engine.wake_up()
         engine.update_weights(policy.named_parameters())
         metrics["train/skipped_update"] = 0.0
     else:
-        log.warning("step %d: no samples to train on (e.g. RFT kept nothing); update skipped", step)
+        if d.main:
+            log.warning("step %d: no samples to train on (e.g. RFT kept nothing); update "
+                        "skipped", step)
         metrics["train/skipped_update"] = 1.0
     update_s = time.perf_counter() - t0
 
@@ -338,6 +484,9 @@ def train_step(step, cfg, source: RolloutSource, policy, ref, algo, optimizer, p
     })
     metrics.update({f"train/{k}_mean": v for k, v in parts.items()})
     metrics.update({f"train/{k}_std": v for k, v in ro.part_stds().items()})
+    update_metrics = {k: metrics.pop(k) for k in list(metrics) if k in _GLOBAL_METRICS}
+    metrics = dd.reduce_metrics(metrics, d)
+    metrics.update(update_metrics)
     table = {"prompt": [], "completion": [], "reward": [], "finish_reason": []}
     for g, group in enumerate(ro.groups):
         for j, c in enumerate(group):
@@ -346,6 +495,11 @@ def train_step(step, cfg, source: RolloutSource, policy, ref, algo, optimizer, p
             table["reward"].append(ro.rewards[g, j].item())
             table["finish_reason"].append(c.finish_reason)
     return metrics, table
+
+
+# Metrics that ``update`` already reduced over all ranks.
+_GLOBAL_METRICS = {"train/loss", "train/clip_frac", "train/kl", "train/entropy",
+                   "train/grad_norm"}
 
 
 def _lr_lambda(cfg):
@@ -379,7 +533,7 @@ def _step_line(step: int, total: int, m: dict) -> str:
 # Run folder, resume, tracking, summary
 # ----------------------------------------------------------------------------------------
 
-def _prepare_run(cfg: DictConfig, run_dir):
+def _prepare_run(cfg: DictConfig, run_dir, d: dd.Dist = dd.Dist()):
     """The config, run folder, checkpoint state (None for a new run) of this job, and the
     model config the policy loads from (the latest checkpoint when resuming)."""
     state = None
@@ -398,7 +552,8 @@ def _prepare_run(cfg: DictConfig, run_dir):
     elif run_dir is None:
         run_dir = _hydra_output_dir() or Path(cfg.paths.outputs) / "runs" / time.strftime(
             "%Y-%m-%d/%H-%M-%S")
-    run_dir = Path(run_dir)
+    # Ranks started a moment apart may name different folders: rank 0's is the run's.
+    run_dir = Path(dd.broadcast_object(str(run_dir), d))
     run_dir.mkdir(parents=True, exist_ok=True)
     return cfg, run_dir, state, (policy_cfg if state is not None else cfg.model)
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nanovppo.distributed import global_mean_std
+
 from nanovppo.errors import ConfigError
 from nanovppo.rollout import Rollouts, Sample
 
@@ -52,8 +54,10 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
 
 def batch_normalized_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """REINFORCE++: rewards whitened over the whole batch, so that above-average samples
-    get a positive advantage (the sign of the mean is removed, not flipped)."""
-    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + eps)
+    get a positive advantage (the sign of the mean is removed, not flipped). Under
+    torchrun the batch is every rank's samples together."""
+    mean, std = global_mean_std(rewards)
+    return (rewards - mean) / (std + eps)
 
 
 def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float) -> torch.Tensor:

@@ -52,3 +52,10 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Release the engine."""
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter, detached; a sharded FSDP2 parameter (a DTensor) is
+    gathered from all ranks, so every rank must call this for the same parameters."""
+    gather = getattr(tensor, "full_tensor", None)
+    return (gather() if gather is not None else tensor).detach()

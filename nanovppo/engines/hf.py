@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from nanovppo.engines.base import Completion, Sampling
+from nanovppo.engines.base import Completion, Sampling, full_tensor
 from nanovppo.models import to_dtype
 
 
@@ -43,19 +43,22 @@ class HFEngine:
 
     def __init__(self, model, tokenizer, seed: int = 0, max_batch: int = 64, name: str = "hf",
                  dtype: str | None = None, attn_implementation: str | None = None,
-                 autocast_dtype: torch.dtype | None = None, share_prefix: bool = True):
+                 autocast_dtype: torch.dtype | None = None, share_prefix: bool = True,
+                 copy_model: bool = False):
         """Sample from ``model`` itself (temperature 0 decodes greedily), or from a copy of it in ``dtype`` when that differs
         from the policy's (decoding is memory-bound on CPU, so a bf16 copy of an fp32 policy
-        samples ~1.5x faster; ``update_weights`` then copies the trained weights in)."""
+        samples ~1.5x faster; ``update_weights`` then copies the trained weights in).
+        ``copy_model`` asks for a copy in any case (the trainer does under FSDP2, where the
+        policy's own parameters are sharded across ranks)."""
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.autocast_dtype = autocast_dtype
         policy_dtype = next(model.parameters()).dtype
-        self.shares_policy = dtype is None or to_dtype(dtype) == policy_dtype
+        self.shares_policy = not copy_model and (dtype is None or to_dtype(dtype) == policy_dtype)
         if self.shares_policy:
             self.model = model
         else:
-            self.model = copy.deepcopy(model).to(to_dtype(dtype))
+            self.model = copy.deepcopy(model).to(to_dtype(dtype) if dtype else policy_dtype)
             self.model.requires_grad_(False)
             if attn_implementation:
                 self.model.config._attn_implementation = attn_implementation
@@ -101,7 +104,7 @@ class HFEngine:
             return
         params = dict(self.model.named_parameters())
         for name, tensor in named_tensors:
-            params[name].copy_(tensor)
+            params[name].copy_(full_tensor(tensor))
 
     def sleep(self) -> None:
         pass
