@@ -42,7 +42,13 @@ class Dist:
 
 
 def init(device: str, timeout_s: int = 1800) -> Dist:
-    """Join the process group that torchrun describes in the environment (if any)."""
+    """Join the process group that torchrun (or a SLURM job of several tasks started by
+    Hydra's submitit launcher) describes in the environment, if any."""
+    if "WORLD_SIZE" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") == "slurm" \
+            and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export()  # RANK, WORLD_SIZE, MASTER_ADDR, ...
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
