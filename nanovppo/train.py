@@ -323,6 +323,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     Under torchrun every rank calls this; rank 0 logs and writes checkpoints.
     """
     d = dd.init(str(cfg.hardware.device))
+    _STOP["requested"] = False
     try:
         return _train(cfg, run_dir, d)
     finally:
@@ -401,9 +402,12 @@ def _train(cfg: DictConfig, run_dir, d: dd.Dist) -> dict:
                     tracker.log_table(samples_table, f"samples/step_{step:06d}.json")
                 log.info(_step_line(step, cfg.trainer.max_steps, metrics))
             every = cfg.trainer.checkpoint_every
-            if (every and step % every == 0) or step == cfg.trainer.max_steps:
+            stop = dd.all_reduce_max([float(_STOP["requested"])], d)[0] > 0  # all ranks agree
+            if (every and step % every == 0) or step == cfg.trainer.max_steps or stop:
                 last_ckpt = _save_checkpoint(run_dir, step, cfg, model, policy, tokenizer,
                                              optimizer, scheduler, engine, tracker, d)
+            if stop and step < cfg.trainer.max_steps:
+                raise KeyboardInterrupt(f"stopped after step {step}")
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -650,15 +654,27 @@ def _plot_rewards(tracker: Tracker, run_dir: Path) -> Path:
     return path
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+# Set by the first SIGTERM or Ctrl-C; the loop stops at the end of the step it is in.
+_STOP = {"requested": False}
+
+
+def _request_stop(signum, frame):
+    """First signal: finish this step, checkpoint and stop (a signal in the middle of an
+    MLflow write would leave its SQLite store locked and the run marked RUNNING).
+    Second signal: stop at once."""
+    if _STOP["requested"]:
+        raise KeyboardInterrupt(f"signal {signum}")
+    _STOP["requested"] = True
+    log.warning("signal %d: stopping after this step (send it again to stop at once)", signum)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    # A scheduler's SIGTERM (SLURM preemption, `kill`) ends the run like Ctrl-C: the MLflow
+    # A scheduler's SIGTERM (SLURM preemption, `kill`) ends the run like Ctrl-C, after the
+    # current step and a checkpoint (see _request_stop): the MLflow
     # run is marked KILLED and `resume=` continues it from the last checkpoint.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
     try:
         train(cfg)
     except (NanovppoError, InstantiationException) as e:
