@@ -187,6 +187,8 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
     rng = random.Random(cfg.seed * 1_000_003 + step)  # the same on every rank
     totals = {"loss": 0.0, "clip_tokens": 0.0, "kl_tokens": 0.0, "entropy_tokens": 0.0,
               "tokens": 0.0, "entropy_count": 0.0}
+    # Where the update's time goes, and the tokens its forward passes run (for FLOP/s).
+    perf = {"forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0, "tokens": 0.0}
     grad_norms = []
     # With one pass and one minibatch the policy has not moved since sampling, so the
     # "old" log-probs are the current ones (detached): no extra forward is needed.
@@ -203,8 +205,10 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
                 for e in range(algo.ppo_epochs)]
     # PPO's "old" log-probs are those of the policy that sampled, i.e. before this step's
     # first optimizer step: computed once for every sample.
+    t0 = time.perf_counter()
     old = None if reuse_current else _sample_logprobs(model, samples, pad_id, cfg, d)
     refs = None if ref is None else _sample_logprobs(ref, samples, pad_id, cfg, d)
+    perf["forward_s"] += time.perf_counter() - t0
     bar = tqdm(total=sum(len(b) for epoch in plan for b in epoch), desc="update", unit="mb",
                leave=False, disable=not cfg.trainer.progress or not d.main)
     model.train()
@@ -221,6 +225,7 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
             optimizer.zero_grad(set_to_none=True)
             for i, mb in enumerate(batches):
                 with _grad_sync(model, i == len(batches) - 1):
+                    t0 = time.perf_counter()
                     (logp, ent), batch = _logprobs(model, mb, pad_id, cfg, with_entropy=True)
                     mask = masks[i]
                     if not mb:
@@ -232,7 +237,11 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
                     ref_logp = None if refs is None else _stack(mb, refs, logp.shape[1])
                     loss, stats = algo.loss(logp, old_logp, ref_logp,
                                             adv, mask, n_tokens, n_seqs, norm_len)
+                    t1 = time.perf_counter()
                     (loss * d.world).backward()
+                    perf["forward_s"] += t1 - t0
+                    perf["backward_s"] += time.perf_counter() - t1
+                    perf["tokens"] += batch.prompt_ids.numel() + batch.completion_ids.numel()
                 totals["loss"] += loss.item()
                 totals["clip_tokens"] += stats["clip_tokens"]
                 totals["kl_tokens"] += stats.get("kl_tokens", 0.0)
@@ -241,12 +250,14 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
                     totals["entropy_tokens"] += (ent * batch.completion_mask).sum().item()
                     totals["entropy_count"] += batch.completion_mask.sum().item()
                 bar.update()
+            t0 = time.perf_counter()
             clip = cfg.trainer.max_grad_norm
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                   clip if clip else float("inf"))
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             grad_norms.append(norm.item())
             optimizer.step()
+            perf["optimizer_s"] += time.perf_counter() - t0
     bar.close()
     optimizer.zero_grad(set_to_none=True)
     keys = sorted(totals)
@@ -257,7 +268,8 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
             "train/clip_frac": totals["clip_tokens"] / tokens,
             "train/kl": totals["kl_tokens"] / tokens,
             "train/entropy": totals["entropy_tokens"] / max(totals["entropy_count"], 1.0),
-            "train/grad_norm": float(np.mean(grad_norms))}
+            "train/grad_norm": float(np.mean(grad_norms)),
+            **{f"perf/update_{k}": v for k, v in perf.items()}}
 
 
 def _advantages(mb: list[Sample], width: int) -> torch.Tensor:
@@ -463,7 +475,9 @@ def train_step(step, cfg, source: RolloutSource, policy, model, ref, algo, optim
         engine.sleep()
         metrics.update(update(model, ref, algo, samples, cfg, optimizer, pad_id, step, d))
         engine.wake_up()
+        t1 = time.perf_counter()
         engine.update_weights(policy.named_parameters())
+        metrics["perf/weight_sync_s"] = time.perf_counter() - t1
         metrics["train/skipped_update"] = 0.0
     else:
         if d.main:

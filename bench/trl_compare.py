@@ -1,0 +1,272 @@
+"""nanovppo against TRL's GRPOTrainer on the same GRPO work, side by side.
+
+    pip install -e .[bench]                      # TRL, pinned
+    python bench/trl_compare.py                  # bf16 and fp32, 48 and 96 new tokens
+    python bench/trl_compare.py --dtypes bf16 --new-tokens 48 --steps 4
+
+Workload (both frameworks): SmolLM2-135M-Instruct, Countdown prompts rendered the same
+way, 8 prompts x 4 samples per step, T=1, top-p 1, no stop string (completions run to EOS
+or the token limit), one optimizer step per rollout batch in micro-batches of 8, no
+reference model (KL 0), lr 2e-5, AdamW. bf16 means bf16 autocast over fp32 weights in both
+(TRL: ``bf16=True, use_cpu=True``); fp32 means fp32 throughout.
+
+Each (framework, dtype, length) runs in its own process, nanovppo and TRL alternating, so
+peak RSS is that process's own. Reported per run: median over steps 2..N of the step
+time and its phases (generation, log-prob + loss forward, backward, optimizer, weight
+sync), peak RSS, generated tokens/s, and each phase's FLOP/s as a share of this
+machine's measured matmul FLOP/s in that dtype (FLOPs = 2 x matmul parameters x tokens
+processed forward, 3x that for forward + backward; attention's own FLOPs are left out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPTS, GROUP, MICRO, LR = 8, 4, 8, 2e-5
+
+
+def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """Sustained FLOP/s of an n x n matmul in ``dtype`` on this machine."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in matmuls per token: every linear weight and the head."""
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head = model.get_output_embeddings()
+    if head is not None and not isinstance(head, torch.nn.Linear):
+        n += head.weight.numel()
+    return n
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+
+
+# ----------------------------------------------------------------------------------------
+# Workers (one process each)
+# ----------------------------------------------------------------------------------------
+
+def run_nanovppo(dtype: str, new_tokens: int, steps: int) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from nanovppo.tasks.countdown import CountdownTask
+    from nanovppo.train import train
+    from tests.conftest import compose_cfg
+
+    CountdownTask.stop = ()  # the same work as TRL: no stop string
+    tmp = tempfile.mkdtemp(prefix="nanovppo-bench-")
+    compute = "bfloat16" if dtype == "bf16" else "float32"
+    cfg = compose_cfg([f"trainer.max_steps={steps}", f"rollout.max_new_tokens={new_tokens}",
+                       f"trainer.prompts_per_step={PROMPTS}", f"algo.group_size={GROUP}",
+                       f"trainer.micro_batch_size={MICRO}", f"algo.lr={LR}",
+                       "trainer.eval_every=0", "trainer.eval_examples=0",
+                       "trainer.checkpoint_every=0", "trainer.samples_every=0",
+                       "trainer.progress=false", f"hardware.compute_dtype={compute}",
+                       f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                       f"model.cache_dir={ROOT}/outputs/cache/models"])
+    import nanovppo.train as nt
+
+    nt._save_checkpoint = lambda *a, **k: None  # not part of a training step's work
+    summary = train(cfg, run_dir=Path(tmp) / "run")
+    c = MlflowClient(summary["tracking_uri"])
+    hist = lambda k: [m.value for m in sorted(c.get_metric_history(summary["mlflow_run_id"], k),  # noqa: E731
+                                              key=lambda m: m.step)]
+    n_prompt = hist("perf/update_tokens")  # forward tokens of the update (prompts once)
+    gen_tokens = [len_ * PROMPTS * GROUP for len_ in hist("train/response_length")]
+    steps_ = {
+        "step": hist("perf/step_s"), "generation": hist("perf/rollout_s"),
+        "forward": hist("perf/update_forward_s"), "backward": hist("perf/update_backward_s"),
+        "optimizer": hist("perf/update_optimizer_s"), "weight_sync": hist("perf/weight_sync_s"),
+        "gen_tokens": gen_tokens, "update_tokens": n_prompt}
+    return {"steps": steps_, "peak_rss_gb": peak_rss_gb()}
+
+
+def run_trl(dtype: str, new_tokens: int, steps: int) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from nanovppo.models import load_model
+    from nanovppo.rollout import render_prompt
+    from tests.conftest import compose_cfg
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(["task.n_train=2000", f"model.cache_dir={ROOT}/outputs/cache/models"])
+    task = instantiate(cfg.task)
+    model, tok = load_model(cfg.model, dtype="float32")
+    rows = [{"prompt": tok.decode(render_prompt(task, tok, ex)), "example": json.dumps(ex)}
+            for ex in task.train_examples[: PROMPTS * (steps + 1)]]
+
+    def reward(completions, example, **_):
+        return [task.reward(task.prefill + c, json.loads(e)).total
+                for c, e in zip(completions, example)]
+
+    timing = {k: [] for k in ("step", "generation", "forward", "backward", "optimizer",
+                              "gen_tokens", "update_tokens")}
+    cur = {}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            cur.clear()
+            cur.update({k: 0.0 for k in timing}, t0=time.perf_counter())
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            cur["t_opt"] = time.perf_counter()
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            cur["optimizer"] += time.perf_counter() - cur["t_opt"]
+
+        def on_step_end(self, args, state, control, **kw):
+            cur["step"] = time.perf_counter() - cur["t0"]
+            for k in timing:
+                timing[k].append(cur[k])
+
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), use_cpu=True,
+                      bf16=(dtype == "bf16"), fp16=False, per_device_train_batch_size=MICRO,
+                      gradient_accumulation_steps=PROMPTS * GROUP // MICRO,
+                      num_generations=GROUP, max_completion_length=new_tokens,
+                      temperature=1.0, top_p=1.0, learning_rate=LR, beta=0.0,
+                      max_steps=steps, logging_steps=1, save_strategy="no", report_to="none",
+                      num_iterations=1, seed=0, disable_tqdm=True, loss_type="dapo")
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args,
+                          train_dataset=Dataset.from_list(rows), processing_class=tok,
+                          callbacks=[Clock()])
+
+    def timed(fn, key, count=None):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            if cur:
+                cur[key] += time.perf_counter() - t0
+                if count:
+                    count(a, k, out)
+            return out
+        return wrapper
+
+    def count_gen(a, k, out):
+        # _generate returns prompt ids, completion ids, ... : count generated tokens
+        completion_ids = out[1]
+        cur["gen_tokens"] += sum(len(c) for c in completion_ids)
+
+    def count_fwd(a, k, out):
+        ids = k.get("input_ids", a[1] if len(a) > 1 else None)
+        cur["update_tokens"] += ids.numel()
+
+    trainer._generate = timed(trainer._generate, "generation", count_gen)
+    trainer._get_per_token_logps_and_entropies = timed(
+        trainer._get_per_token_logps_and_entropies, "forward", count_fwd)
+    trainer.accelerator.backward = timed(trainer.accelerator.backward, "backward")
+    trainer.train()
+    # The forward wrapper also ran inside generation scoring (old log-probs), if any.
+    return {"steps": timing, "peak_rss_gb": peak_rss_gb()}
+
+
+# ----------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------
+
+def summarise(result: dict, dtype: str, peak: dict, params: int) -> dict:
+    s = result["steps"]
+    med = lambda k: statistics.median(s[k][1:]) if s.get(k) else 0.0  # noqa: E731
+    out = {k: med(k) for k in ("step", "generation", "forward", "backward", "optimizer",
+                               "weight_sync")}
+    out["peak_rss_gb"] = result["peak_rss_gb"]
+    out["tok_s"] = med("gen_tokens") / max(out["generation"], 1e-9)
+    p, limit = params, peak[dtype]
+    fwd_flops = 2 * p * med("update_tokens")
+    out["fwd_share"] = fwd_flops / max(out["forward"], 1e-9) / limit
+    out["bwd_share"] = 2 * fwd_flops / max(out["backward"], 1e-9) / limit
+    out["update_share"] = 3 * fwd_flops / max(out["forward"] + out["backward"], 1e-9) / limit
+    return out
+
+
+def worker_main(framework: str, dtype: str, new_tokens: int, steps: int) -> None:
+    torch.manual_seed(0)
+    fn = run_nanovppo if framework == "nanovppo" else run_trl
+    print("RESULT " + json.dumps(fn(dtype, new_tokens, steps)), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"])
+    ap.add_argument("--new-tokens", nargs="+", type=int, default=[48, 96])
+    ap.add_argument("--steps", type=int, default=4, help="the median is over steps 2..N")
+    ap.add_argument("--frameworks", nargs="+", default=["nanovppo", "trl"])
+    ap.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "DTYPE", "TOKENS"),
+                    help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        fw, dtype, tokens = args.worker
+        return worker_main(fw, dtype, int(tokens), args.steps)
+
+    from nanovppo.models import load_model
+    from tests.conftest import compose_cfg
+
+    model, _ = load_model(compose_cfg([f"model.cache_dir={ROOT}/outputs/cache/models"]).model)
+    params = matmul_params(model)
+    del model
+    peak = {"bf16": matmul_flops(torch.bfloat16), "fp32": matmul_flops(torch.float32)}
+    print(f"matmul (2048^3, {torch.get_num_threads()} threads): bf16 "
+          f"{peak['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s", flush=True)
+    rows = {}
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    for dtype in args.dtypes:
+        for tokens in args.new_tokens:
+            for fw in args.frameworks:  # alternating, so drift hits both alike
+                t0 = time.perf_counter()
+                proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
+                                       "--worker", fw, dtype, str(tokens)], env=env,
+                                      cwd=ROOT, capture_output=True, text=True)
+                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                if proc.returncode or not line:
+                    print(f"{fw} {dtype} {tokens}: failed\n{proc.stderr[-3000:]}", flush=True)
+                    continue
+                rows[(fw, dtype, tokens)] = summarise(json.loads(line[0][7:]), dtype, peak, params)
+                print(f"{fw:8s} {dtype} {tokens:3d} tok: {rows[(fw, dtype, tokens)]} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    cols = ["step", "generation", "forward", "backward", "optimizer", "weight_sync"]
+    print("\n| run | step s | gen s | fwd s | bwd s | opt s | sync s | peak RSS GB | gen tok/s"
+          " | fwd % peak | bwd % peak |")
+    print("|---" * 11 + "|")
+    for (fw, dtype, tokens), r in rows.items():
+        print(f"| {fw} {dtype} {tokens} | " + " | ".join(f"{r[c]:.2f}" for c in cols)
+              + f" | {r['peak_rss_gb']:.2f} | {r['tok_s']:.0f} | {100 * r['fwd_share']:.0f}%"
+              f" | {100 * r['bwd_share']:.0f}% |")
+    print("\n| workload | step nanovppo/TRL | generation | update (fwd+bwd+opt) | peak RSS |")
+    print("|---|---|---|---|---|")
+    for dtype in args.dtypes:
+        for tokens in args.new_tokens:
+            a, b = rows.get(("nanovppo", dtype, tokens)), rows.get(("trl", dtype, tokens))
+            if not (a and b):
+                continue
+            upd = lambda r: r["forward"] + r["backward"] + r["optimizer"]  # noqa: E731
+            print(f"| {dtype} {tokens} tok | {a['step'] / b['step']:.2f}x | "
+                  f"{a['generation'] / b['generation']:.2f}x | {upd(a) / upd(b):.2f}x | "
+                  f"{a['peak_rss_gb'] / b['peak_rss_gb']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
