@@ -92,14 +92,14 @@ def run_nanovppo(dtype: str, new_tokens: int, steps: int) -> dict:
     c = MlflowClient(summary["tracking_uri"])
     hist = lambda k: [m.value for m in sorted(c.get_metric_history(summary["mlflow_run_id"], k),  # noqa: E731
                                               key=lambda m: m.step)]
-    n_prompt = hist("perf/update_tokens")  # forward tokens of the update (prompts once)
-    gen_tokens = [len_ * PROMPTS * GROUP for len_ in hist("train/response_length")]
-    steps_ = {
+    per_step = {
         "step": hist("perf/step_s"), "generation": hist("perf/rollout_s"),
         "forward": hist("perf/update_forward_s"), "backward": hist("perf/update_backward_s"),
         "optimizer": hist("perf/update_optimizer_s"), "weight_sync": hist("perf/weight_sync_s"),
-        "gen_tokens": gen_tokens, "update_tokens": n_prompt}
-    return {"steps": steps_, "peak_rss_gb": peak_rss_gb()}
+        # generated tokens, and the tokens the update's forwards ran (each prompt once)
+        "gen_tokens": [n * PROMPTS * GROUP for n in hist("train/response_length")],
+        "update_tokens": hist("perf/update_tokens")}
+    return {"steps": per_step, "peak_rss_gb": peak_rss_gb()}
 
 
 def run_trl(dtype: str, new_tokens: int, steps: int) -> dict:

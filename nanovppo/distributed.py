@@ -73,8 +73,7 @@ def device_for(cfg_device: str, d: Dist) -> str:
     return cfg_device
 
 
-def wrap(model: torch.nn.Module, strategy: str, d: Dist, device: str,
-         mixed_dtype: torch.dtype | None = None) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, strategy: str, d: Dist, device: str) -> torch.nn.Module:
     """The model to train: itself (one process), DDP-wrapped, or sharded with FSDP2.
 
     With FSDP2 the module keeps its class (parameters become DTensors), so the rest of
@@ -109,11 +108,6 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         raise ConfigError(f"cannot find the decoder layers of {type(model).__name__} to "
                           "shard with FSDP2; use hardware.strategy=ddp")
     return list(layers)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a DDP wrapper (FSDP2 keeps the module itself)."""
-    return getattr(model, "module", model)
 
 
 def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
@@ -154,14 +148,15 @@ def reduce_metrics(metrics: dict, d: Dist) -> dict:
 
 def global_mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and (population) standard deviation of ``x`` over all ranks' values."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
         return x.mean(), x.std(unbiased=False)
-    s = torch.tensor([x.sum().item(), (x.double() ** 2).sum().item(), float(x.numel())],
-                     dtype=torch.float64)
-    dist.all_reduce(s)
-    mean = s[0] / s[2]
-    var = (s[1] / s[2] - mean ** 2).clamp(min=0.0)
-    return mean.to(x.dtype), var.sqrt().to(x.dtype)
+    total, squares, n = all_reduce_sum(
+        [x.sum().item(), (x.double() ** 2).sum().item(), float(x.numel())],
+        Dist(rank=dist.get_rank(), world=world))
+    mean = total / n
+    var = max(squares / n - mean ** 2, 0.0)
+    return torch.tensor(mean, dtype=x.dtype), torch.tensor(var ** 0.5, dtype=x.dtype)
 
 
 def broadcast_object(obj, d: Dist):
@@ -187,8 +182,9 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def full_state_dicts(model, optimizer, d: Dist) -> tuple[dict, dict]:
-    """Whole (unsharded) model and optimizer state dicts, on CPU, for a checkpoint.
+def full_state_dicts(model, optimizer, d: Dist) -> tuple[dict | None, dict]:
+    """Whole (unsharded) model and optimizer state dicts, on CPU, for a checkpoint; with
+    one process the model's state is None (the model saves its own tensors).
 
     A collective under FSDP2: every rank calls it; rank 0 writes the result.
     """
@@ -197,7 +193,7 @@ def full_state_dicts(model, optimizer, d: Dist) -> tuple[dict, dict]:
                                                          get_optimizer_state_dict)
 
     if not d.on:
-        return unwrap(model).state_dict(), optimizer.state_dict()
+        return None, optimizer.state_dict()
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return (get_model_state_dict(model, options=opts),
             get_optimizer_state_dict(model, optimizer, options=opts))

@@ -113,10 +113,10 @@ def _logprobs(model, mb: list[Sample], pad_id: int, cfg, with_entropy=False):
             prompts.append(s.prompt_ids)
             completions.append([])
         completions[seen[s.group]].append(s.completion_ids)
-    if not mb:
-        prompts, completions = [[pad_id]], [[[pad_id]]]
-    batch = pad_groups(prompts, completions, pad_id)
-    if not mb:
+    if mb:
+        batch = pad_groups(prompts, completions, pad_id)
+    else:  # one pad token as prompt and completion, masked out
+        batch = pad_groups([[pad_id]], [[[pad_id]]], pad_id)
         batch = batch._replace(completion_mask=torch.zeros_like(batch.completion_mask))
     with autocast_ctx(cfg):
         out = model(batch, cfg.rollout.temperature, cfg.trainer.logprob_chunk_rows, with_entropy)
@@ -128,11 +128,16 @@ def precompute_logprobs(model, batches, pad_id, cfg) -> list[torch.Tensor]:
     return [_logprobs(model, mb, pad_id, cfg)[0] for mb in batches]
 
 
+def _pad_to_busiest(lists: list[list[list[Sample]]], d: dd.Dist) -> list[list[list[Sample]]]:
+    """Each list of micro-batches lengthened with empty ones to the longest any rank has,
+    so that every rank makes the same forward/backward (and collective) calls."""
+    most = dd.all_reduce_max([float(len(b)) for b in lists], d)
+    return [b + [[]] * (int(m) - len(b)) for b, m in zip(lists, most)]
+
+
 def _sample_logprobs(model, samples: list[Sample], pad_id, cfg, d: dd.Dist) -> dict:
     """The current policy's log-probs of each sample's completion: {id(sample): [C_s]}."""
-    batches = micro_batches(samples, cfg.trainer.micro_batch_size)
-    most = int(dd.all_reduce_max([float(len(batches))], d)[0])
-    batches += [[]] * (most - len(batches))
+    [batches] = _pad_to_busiest([micro_batches(samples, cfg.trainer.micro_batch_size)], d)
     out = {}
     for mb, logp in zip(batches, precompute_logprobs(model, batches, pad_id, cfg)):
         for r, s in enumerate(mb):
@@ -182,7 +187,8 @@ def _grad_sync(model, on: bool):
 def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int, step: int,
            d: dd.Dist = dd.Dist()) -> dict:
     """One training step's optimisation over this rank's scored samples; returns metrics
-    for the whole job. ``model`` and ``ref`` are ``GroupLogprobs`` modules."""
+    for the whole job (already reduced over ranks). ``model`` and ``ref`` are
+    ``GroupLogprobs`` modules."""
     norm_len = cfg.rollout.max_new_tokens
     rng = random.Random(cfg.seed * 1_000_003 + step)  # the same on every rank
     totals = {"loss": 0.0, "clip_tokens": 0.0, "kl_tokens": 0.0, "entropy_tokens": 0.0,
@@ -197,10 +203,7 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
              for mb in split_groups(samples, algo.num_minibatches, rng, d)]
             for _ in range(algo.ppo_epochs)]
     if d.on:  # every rank runs as many micro-batches as the busiest one (empty ones pad)
-        counts = [len(b) for epoch in plan for b in epoch]
-        most = dd.all_reduce_max(counts, d)
-        flat = [b + [[]] * (int(m) - len(b)) for b, m in
-                zip([b for epoch in plan for b in epoch], most)]
+        flat = _pad_to_busiest([b for epoch in plan for b in epoch], d)
         plan = [flat[e * algo.num_minibatches:(e + 1) * algo.num_minibatches]
                 for e in range(algo.ppo_epochs)]
     # PPO's "old" log-probs are those of the policy that sampled, i.e. before this step's
@@ -262,6 +265,7 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
     optimizer.zero_grad(set_to_none=True)
     keys = sorted(totals)
     totals = dict(zip(keys, dd.all_reduce_sum([totals[k] for k in keys], d)))
+    perf = dict(zip(perf, dd.all_reduce_max(list(perf.values()), d)))  # the slowest rank
     tokens = max(totals["tokens"], 1.0)
     updates = max(1, algo.ppo_epochs * algo.num_minibatches)
     return {"train/loss": totals["loss"] / updates,
@@ -367,8 +371,11 @@ def _train(cfg: DictConfig, run_dir, d: dd.Dist) -> dict:
     # copy (a sharded module cannot sample on one rank alone).
     extra = {"copy_model": True} if (cfg.inference_backend.name == "hf" and d.on
                                      and strategy == "fsdp2") else {}
+    # Each engine samples its own stream; the ranks of one tensor-parallel vLLM engine
+    # share a seed, as vLLM requires.
+    engine_group = d.rank // int(cfg.inference_backend.get("tensor_parallel_size", 1))
     engine = instantiate(cfg.inference_backend, model=policy, tokenizer=tokenizer,
-                         seed=cfg.seed + 1009 * d.rank, _convert_="partial", **extra)
+                         seed=cfg.seed + 1009 * engine_group, _convert_="partial", **extra)
     engine.progress = cfg.trainer.progress and d.main
     model = dd.wrap(GroupLogprobs(policy), strategy, d, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=algo.lr,
@@ -438,14 +445,12 @@ def _save_checkpoint(run_dir, step, cfg, model, policy, tokenizer, optimizer, sc
     ranks = dd.gather_objects({"rng": ckpt.rng_state(), "engine": engine.state_dict()}, d)
     path = None
     if d.main:
-        prefix = "model."  # the keys of GroupLogprobs(policy)
-        if d.on:
-            model_state = {k[len(prefix):] if k.startswith(prefix) else k: v
-                           for k, v in model_state.items()}
+        if model_state is not None:  # keys of GroupLogprobs(policy): drop its "model."
+            model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
         path = ckpt.save_checkpoint(
             run_dir, step, cfg, policy, tokenizer, optim_state, scheduler,
             {"mlflow_run_id": tracker.run_id, "ranks": ranks, "world_size": d.world},
-            keep=cfg.trainer.keep_checkpoints, model_state=model_state if d.on else None)
+            keep=cfg.trainer.keep_checkpoints, model_state=model_state)
     dd.barrier(d)
     return path
 
@@ -471,9 +476,10 @@ def train_step(step, cfg, source: RolloutSource, policy, model, ref, algo, optim
     experience_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    job_wide = {}  # update's metrics, reduced over ranks already
     if dd.all_reduce_sum([float(len(samples))], d)[0] > 0:
         engine.sleep()
-        metrics.update(update(model, ref, algo, samples, cfg, optimizer, pad_id, step, d))
+        job_wide = update(model, ref, algo, samples, cfg, optimizer, pad_id, step, d)
         engine.wake_up()
         t1 = time.perf_counter()
         engine.update_weights(policy.named_parameters())
@@ -502,9 +508,8 @@ def train_step(step, cfg, source: RolloutSource, policy, model, ref, algo, optim
     })
     metrics.update({f"train/{k}_mean": v for k, v in parts.items()})
     metrics.update({f"train/{k}_std": v for k, v in ro.part_stds().items()})
-    update_metrics = {k: metrics.pop(k) for k in list(metrics) if k in _GLOBAL_METRICS}
     metrics = dd.reduce_metrics(metrics, d)
-    metrics.update(update_metrics)
+    metrics.update(job_wide)
     table = {"prompt": [], "completion": [], "reward": [], "finish_reason": []}
     for g, group in enumerate(ro.groups):
         for j, c in enumerate(group):
@@ -513,11 +518,6 @@ def train_step(step, cfg, source: RolloutSource, policy, model, ref, algo, optim
             table["reward"].append(ro.rewards[g, j].item())
             table["finish_reason"].append(c.finish_reason)
     return metrics, table
-
-
-# Metrics that ``update`` already reduced over all ranks.
-_GLOBAL_METRICS = {"train/loss", "train/clip_frac", "train/kl", "train/entropy",
-                   "train/grad_norm"}
 
 
 def _lr_lambda(cfg):

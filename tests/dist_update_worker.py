@@ -63,6 +63,8 @@ def main(out: str, strategy: str, overrides: list[str]) -> None:
                for s in fixed_samples(policy.config.vocab_size) if s.group % d.world == d.rank]
     metrics = update(model, ref, algo, samples, cfg, optimizer, tok.pad_token_id, step=1, d=d)
     state, _ = dd.full_state_dicts(model, optimizer, d)
+    if state is None:  # one process: the model's own tensors
+        state = model.state_dict()
     if d.main:
         torch.save({"metrics": metrics, "params": {k.removeprefix("model."): v.clone()
                                                    for k, v in state.items()},

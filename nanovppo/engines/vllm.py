@@ -101,11 +101,8 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one engine per rank (or TP group)
             kwargs["distributed_executor_backend"] = "external_launcher"
-            if tensor_parallel_size == 1:  # independent engines: different samples per rank
-                seed = seed + 1009 * int(os.environ.get("RANK", "0"))
         source, self._tmp = self._model_folder(model, tokenizer)
         self.llm = LLM(model=str(source), tokenizer=str(source), dtype=self.dtype, seed=seed,
                        max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
