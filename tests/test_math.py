@@ -75,6 +75,8 @@ ADVERSARIAL = [
 def test_adversarial_answers_score_zero_within_the_timeout(text):
     task = MathTask(hub_id=None, data_files=str(FIX / "math_train.jsonl"),
                     test_files=str(FIX / "math_test.jsonl"), grading_timeout=1.0)
+    # Start the grading worker first: its start-up is not part of an answer's timeout.
+    assert task.reward("so \\boxed{\\frac{3}{3}}", {"gold": "1"}).total == 1.0
     t0 = time.perf_counter()
     r = task.reward(text, {"gold": "1"})
     assert r.total == 0.0
