@@ -68,6 +68,20 @@ def test_greedy_is_deterministic(engine):
     assert a[0][0].token_ids == a[0][1].token_ids
 
 
+def test_the_samples_of_a_prompt_share_its_prefill(engine):
+    """A group's n samples reuse the prompt's keys/values (whole 32-token blocks on a CPU)
+    instead of each prefilling it: with vLLM's CPU default of 128-token blocks a 100-token
+    prompt would be computed n times."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine.llm.reset_prefix_cache()
+    prompt = [(7 * i) % 500 + 3 for i in range(100)]
+    out = engine.llm.generate([TokensPrompt(prompt_token_ids=prompt)],
+                              SamplingParams(n=4, max_tokens=2), use_tqdm=False)[0]
+    assert out.num_cached_tokens == 96
+
+
 def test_after_a_weight_update_logprobs_match_the_trainers_forward(policy, engine):
     model, _ = policy
     trained = copy.deepcopy(model)

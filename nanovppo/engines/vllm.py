@@ -5,8 +5,10 @@ own folder when it has one, else a copy written at start), then receives every u
 through ``model.load_weights`` on the engine's model: the trained tensors are cast to the
 engine's dtype and streamed one at a time (a sharded FSDP2 tensor is gathered just before
 it is sent), and the prefix cache is reset so no key/value computed by the old weights is
-reused. Log-probs are those vLLM sampled from (``logprobs_mode="processed_logprobs"``:
-after temperature and top-p), i.e. the trainer's temperature.
+reused. Prefix caching also lets the ``n`` samples of a prompt share its prefill, in
+whole KV blocks: on a CPU the block is 32 tokens here rather than vLLM's 128. Log-probs
+are those vLLM sampled from (``logprobs_mode="processed_logprobs"``: after temperature
+and top-p), i.e. the trainer's temperature.
 
 Under torchrun each rank owns an engine (``distributed_executor_backend=
 "external_launcher"``); with ``tensor_parallel_size`` > 1 the ranks of a tensor-parallel
@@ -75,7 +77,8 @@ class VLLMEngine:
                  gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: int = 2,
                  enable_prefix_caching: bool = True, enable_sleep_mode: bool = True,
                  sleep_level: int = 1, tensor_parallel_size: int = 1,
-                 max_num_seqs: int = 256, enforce_eager: bool = False):
+                 max_num_seqs: int = 256, enforce_eager: bool = False,
+                 block_size: int | None = None):
         # vLLM logs its whole config at INFO; keep the trainer's output readable.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         try:
@@ -101,6 +104,10 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if block_size is None and self.on_cpu:
+            block_size = 32  # see conf/inference_backend/vllm.yaml
+        if block_size is not None:
+            kwargs["block_size"] = block_size
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one engine per rank (or TP group)
             kwargs["distributed_executor_backend"] = "external_launcher"
         source, self._tmp = self._model_folder(model, tokenizer)
