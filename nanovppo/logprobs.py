@@ -7,11 +7,13 @@ rows; when gradients are needed each chunk is recomputed in the backward pass
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 class Batch(NamedTuple):
@@ -92,6 +94,39 @@ def pad_groups(prompts: list[list[int]], completions: list[list[list[int]]], pad
     return GroupBatch(pids, pmask, cids, cmask, index)
 
 
+class _PrefixLayer(DynamicLayer):
+    """One layer's keys/values for ``group_logprobs``, with an ``update`` that gives the same
+    result however often a forward runs: activation checkpointing (``checkpoint_layers``)
+    runs each layer's forward again in the backward pass, and a growing cache would then
+    append the same keys twice. With a ``prefix`` the layer returns prefix + new states
+    and stores nothing (the completion pass); without one it records the new states,
+    replacing what it held (the prompt pass)."""
+
+    def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__()
+        self.prefix = prefix
+        if prefix is not None:
+            self.lazy_initialization(*prefix)
+            self.keys, self.values = prefix
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.prefix is None:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
+        return (torch.cat([self.prefix[0], key_states], dim=-2),
+                torch.cat([self.prefix[1], value_states], dim=-2))
+
+
+def _attention_layers(model) -> int:
+    config = model.config
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise NotImplementedError(f"group_logprobs supports full attention only, not {kinds}")
+    return config.num_hidden_layers
+
+
 def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_rows: int = 4,
                    with_entropy: bool = False):
     """Like ``completion_logprobs``, but each prompt is run once for its whole group.
@@ -100,23 +135,45 @@ def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_row
     shared by its completions, so a group of n samples costs one prompt forward and
     backward instead of n: for GRPO on short completions most of the tokens are prompt.
     """
-    from transformers import DynamicCache
-
     decoder = model.get_decoder()
     pids, pmask, cids, cmask, index = batch
+    n_layers = _attention_layers(model)
     ppos = (pmask.cumsum(-1) - 1).clamp(min=0)                              # [G, P]
-    cache = DynamicCache(config=model.config)
+    cache = Cache(layers=[_PrefixLayer() for _ in range(n_layers)])
     h_prompt = decoder(input_ids=pids, attention_mask=pmask, position_ids=ppos,
                        past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # [G, H]
-    cache.batch_select_indices(index)                                       # [B, ...] shared
+    shared = Cache(layers=[_PrefixLayer((layer.keys[index], layer.values[index]))  # [B, ...]
+                           for layer in cache.layers])
     attn = torch.cat([pmask[index], cmask.long()], dim=1)                   # [B, P + C]
     cpos = ppos[index, -1:] + 1 + torch.arange(cids.shape[1])[None]         # [B, C]
     h_comp = decoder(input_ids=cids, attention_mask=attn, position_ids=cpos,
-                     past_key_values=cache, use_cache=True).last_hidden_state  # [B, C, H]
+                     past_key_values=shared, use_cache=True).last_hidden_state  # [B, C, H]
     # The state before completion token j is the prompt's last state (j = 0) or the
     # completion's state at j - 1.
     hidden = torch.cat([h_prompt[index][:, None], h_comp[:, :-1]], dim=1)  # [B, C, H]
     return _head_logprobs(model, hidden, cids, cmask, temperature, chunk_rows, with_entropy)
+
+
+def checkpoint_layers(model, layers: list[torch.nn.Module]) -> None:
+    """Activation checkpointing: keep only each decoder layer's input in the forward pass
+    and recompute the layer in the backward pass (less memory for ~1/3 more compute).
+
+    transformers' own ``gradient_checkpointing_enable`` turns the key/value cache off in
+    training, which ``group_logprobs`` needs to share a prompt with its completions; this
+    wraps each layer's forward instead (the cache's layers are safe to re-run, see
+    ``_PrefixLayer``). Without gradients (sampling, old log-probs) layers run as usual.
+    """
+    for layer in layers:
+        if getattr(layer, "_nanovppo_checkpointed", False):
+            continue
+        layer.forward = functools.partial(_checkpointed, layer.forward)
+        layer._nanovppo_checkpointed = True
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
 
 
 def _head_logprobs(model, hidden, targets, cmask, temperature, chunk_rows, with_entropy):

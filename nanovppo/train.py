@@ -37,7 +37,7 @@ from nanovppo import checkpoint as ckpt
 from nanovppo import distributed as dd
 from nanovppo.errors import ConfigError, NanovppoError
 from nanovppo.engines.base import Sampling
-from nanovppo.logprobs import GroupLogprobs, pad_groups
+from nanovppo.logprobs import GroupLogprobs, checkpoint_layers, pad_groups
 from nanovppo.rollout import RolloutSource, Sample
 from nanovppo.models import load_model, to_dtype
 from nanovppo.tracking import Tracker, default_tracking_uri, flatten
@@ -361,7 +361,7 @@ def _train(cfg: DictConfig, run_dir, d: dd.Dist) -> dict:
     policy, tokenizer = load_model(policy_cfg, dtype=cfg.hardware.param_dtype)
     policy.to(device)
     if cfg.hardware.get("gradient_checkpointing"):
-        policy.gradient_checkpointing_enable()
+        checkpoint_layers(policy, dd.decoder_layers(policy))
     algo = instantiate(cfg.algo)
     ref = None
     if algo.kl_coef > 0:  # the frozen *initial* policy, also when resuming

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nanovppo import distributed as dd  # noqa: E402
-from nanovppo.logprobs import GroupLogprobs  # noqa: E402
+from nanovppo.logprobs import GroupLogprobs, checkpoint_layers  # noqa: E402
 from nanovppo.models import load_model  # noqa: E402
 from nanovppo.rollout import Sample  # noqa: E402
 from nanovppo.train import update  # noqa: E402
@@ -54,6 +54,8 @@ def main(out: str, strategy: str, overrides: list[str]) -> None:
         ref_model, _ = load_model(cfg.model, dtype="float32")
         ref = GroupLogprobs(ref_model.requires_grad_(False))
     initial = {k: v.clone() for k, v in policy.state_dict().items()}
+    if cfg.hardware.gradient_checkpointing:
+        checkpoint_layers(policy, dd.decoder_layers(policy))
     model = dd.wrap(GroupLogprobs(policy), strategy, d, "cpu")
     # Plain SGD: its step is proportional to the gradient, so a gradient off by a factor
     # (e.g. a wrong world-size scaling) shows; Adam's first step would hide it.

@@ -47,10 +47,14 @@ def max_param_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_ranks_on_half_the_batch_match_one_process_on_all_of_it(tmp_path, strategy):
+@pytest.mark.parametrize("strategy,checkpointing", [("ddp", False), ("fsdp2", True)])
+def test_two_ranks_on_half_the_batch_match_one_process_on_all_of_it(tmp_path, strategy,
+                                                                   checkpointing):
+    """FSDP2 runs with activation checkpointing (as conf/hardware/node.yaml does), against
+    one process without it."""
     one = run_update(tmp_path, "ddp", 1, HARD)
-    two = run_update(tmp_path, strategy, 2, HARD)
+    two = run_update(tmp_path, strategy, 2,
+                     [*HARD, f"hardware.gradient_checkpointing={str(checkpointing).lower()}"])
     moved = max_param_diff(one["params"], one["initial"])
     diff = max_param_diff(one["params"], two["params"])
     print(f"{strategy}: largest parameter difference {diff:.3g} (the update moved them by up "

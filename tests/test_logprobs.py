@@ -54,3 +54,42 @@ def test_grouped_gradients_equal_plain_gradients(tiny):
     for name in g1:
         torch.testing.assert_close(g1[name], g2[name], atol=1e-5, rtol=1e-4)
     model.zero_grad()
+
+
+def test_activation_checkpointing_keeps_the_prompt_shared_with_its_completions(tiny):
+    """With checkpointed layers (hardware.gradient_checkpointing) the grouped forward in
+    training mode gives the same log-probs and gradients: each completion still sees its
+    prompt, and re-running a layer in the backward pass does not append its keys twice."""
+    import copy
+
+    from nanovppo.distributed import decoder_layers
+    from nanovppo.logprobs import checkpoint_layers
+
+    model, tok = tiny
+    ckpt = copy.deepcopy(model)
+    checkpoint_layers(ckpt, decoder_layers(ckpt))
+    weights = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    batch = pad_groups(PROMPTS, COMPLETIONS, tok.pad_token_id)
+    pairs = [(p, c) for p, group in zip(PROMPTS, COMPLETIONS) for c in group]
+    with torch.no_grad():
+        model.eval()
+        expected = [naive_logprobs(model, p, c)[0] for p, c in pairs]
+
+    def run(m):
+        m.train()
+        m.zero_grad()
+        logp = group_logprobs(m, batch)
+        (logp * weights[:, :logp.shape[1]]).sum().backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
+                               if p.grad is not None}
+
+    logp1, g1 = run(model)
+    logp2, g2 = run(ckpt)
+    for r, ((p, c), want) in enumerate(zip(pairs, expected)):
+        torch.testing.assert_close(logp2[r, :len(c)], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logp1, logp2, atol=1e-6, rtol=1e-6)
+    assert g1.keys() == g2.keys() and len(g1) > 5
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], atol=1e-6, rtol=1e-5)
+    model.zero_grad()
+    model.eval()
