@@ -77,6 +77,30 @@ def test_resume_continues_the_same_mlflow_run(tmp_path):
     assert (run_dir / "checkpoints" / "step_000004" / "state.pt").is_file()
 
 
+def test_bf16_weights_with_checkpointed_layers_train_and_resume(tmp_path, monkeypatch):
+    """hardware.param_dtype=bfloat16: weights and AdamW moments in bf16 (stochastic
+    rounding), here with activation checkpointing; the run trains, saves and resumes. (A
+    length bonus gives the random model's completions different rewards, so gradients.)"""
+    import torch
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "examples"))
+    hw = ["hardware.param_dtype=bfloat16", "hardware.gradient_checkpointing=true",
+          "algo.lr=1e-3", "task._target_=my_tasks.ConciseCountdown", "+task.length_bonus=0.5"]
+    run_cli(tmp_path, "trainer.max_steps=2", "trainer.checkpoint_every=2", *hw)
+    c, runs = only_run(tmp_path)
+    run_dir = Path(runs[0].data.tags["nanovppo.run_dir"])
+    state = torch.load(run_dir / "checkpoints" / "step_000002" / "state.pt", weights_only=False)
+    moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
+    assert moments and all(m.dtype == torch.bfloat16 for m in moments)
+    assert any(m.abs().max() > 0 for m in moments)
+    run_cli(tmp_path, f"resume={run_dir}", "trainer.max_steps=3", *hw)
+    c, runs = only_run(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = c.get_metric_history(runs[0].info.run_id, "train/grad_norm")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert all(m.value > 0 for m in history)
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     proc = run_cli(tmp_path, f"resume={tmp_path / 'nowhere'}", check=False)
     assert proc.returncode != 0

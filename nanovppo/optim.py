@@ -1,0 +1,122 @@
+"""AdamW for the trainer, including for weights kept in bfloat16.
+
+With ``hardware.param_dtype: bfloat16`` the weights, their gradients and AdamW's two
+moments are all bf16: half the memory of fp32 master weights, and no autocast copies of
+the weights. Plain bf16 AdamW would not learn at RL learning rates: an update of 1e-5 on a
+weight of 0.05 is far below bf16's resolution there (8 bits of mantissa, steps of ~2e-4),
+so round-to-nearest returns the old weight and the update is lost. Here each update is
+computed in fp32 and written back with *stochastic rounding*: rounded up with probability
+equal to the remainder's share of the gap, so every weight and moment equals its fp32
+value in expectation and small updates accumulate instead of vanishing.
+
+fp32 parameters get ``torch.optim.AdamW`` itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+CHUNK = 1 << 21  # elements computed in fp32 at a time (bounds the temporaries to ~40 MB)
+
+
+def adamw(params: Iterable[torch.nn.Parameter], lr: float, betas=(0.9, 0.99),
+          weight_decay: float = 0.0, eps: float = 1e-8, seed: int = 0) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW`` when every parameter is fp32, else ``StochasticAdamW``."""
+    params = list(params)
+    if all(p.dtype == torch.float32 for p in params):
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps,
+                                 weight_decay=weight_decay)
+    return StochasticAdamW(params, lr=lr, betas=tuple(betas), eps=eps,
+                           weight_decay=weight_decay, seed=seed)
+
+
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator) -> None:
+    """Write fp32 ``src`` into bf16 ``dst``, rounding each value up or down at random so
+    that the result equals ``src`` in expectation.
+
+    A bf16 value is the top 16 bits of an fp32 one. Adding a uniform random integer in
+    [0, 2^16) to the fp32 bit pattern and clearing the low 16 bits rounds the magnitude up
+    exactly when the noise exceeds the dropped bits' complement, i.e. with probability
+    (dropped bits) / 2^16. Infinities and NaNs keep their class.
+    """
+    bits = src.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=src.device,
+                          generator=generator)
+    rounded = (bits + noise).bitwise_and_(-65536)  # -65536 == 0xFFFF0000
+    dst.copy_(rounded.view(torch.float32))  # exact: the value has a bf16 representation
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The process's own shard of a (possibly FSDP2-sharded) tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class StochasticAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) with fp32 arithmetic and stochastically rounded
+    bf16 storage for the weights and both moments; see the module doc. fp32 parameters in
+    the same optimizer are updated exactly. State keys match ``torch.optim.AdamW``'s."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.99), eps: float = 1e-8,
+                 weight_decay: float = 0.0, seed: int = 0):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay))
+        self.seed = seed
+        self.generator = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = (group["lr"], group["betas"], group["eps"],
+                                     group["weight_decay"])
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = int(state["step"].item())
+                # The rounding noise is a function of (seed, step, parameter): a resumed run
+                # draws what the uninterrupted one would have, with no generator to save.
+                gen = self._generator(p, t, index)
+                self._update(_local(p), _local(p.grad), _local(state["exp_avg"]),
+                             _local(state["exp_avg_sq"]), t, lr, b1, b2, eps, wd, gen)
+        return loss
+
+    def _generator(self, p: torch.Tensor, step: int, index: int) -> torch.Generator:
+        device = _local(p).device
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device)
+        self.generator.manual_seed((self.seed * 1_000_003 + step) * 65_537 + index)
+        return self.generator
+
+    @staticmethod
+    def _update(p, grad, m, v, t, lr, b1, b2, eps, wd, gen) -> None:
+        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        step_size, root_bc2 = lr / bc1, math.sqrt(bc2)
+        flat = [x.view(-1) for x in (p, grad, m, v)]
+        for i in range(0, p.numel(), CHUNK):
+            pc, gc, mc, vc = (x[i:i + CHUNK] for x in flat)
+            g = gc.float()
+            m32 = mc.float().lerp_(g, 1 - b1)
+            v32 = vc.float().mul_(b2).addcmul_(g, g, value=1 - b2)
+            w = pc.float()
+            if wd:
+                w.mul_(1 - lr * wd)
+            w.addcdiv_(m32, v32.sqrt().div_(root_bc2).add_(eps), value=-step_size)
+            for dst, src in ((pc, w), (mc, m32), (vc, v32)):
+                if dst.dtype == torch.bfloat16:
+                    stochastic_round_(dst, src, gen)
+                else:  # fp32: exact (fp16 would round to nearest)
+                    dst.copy_(src)

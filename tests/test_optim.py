@@ -1,0 +1,82 @@
+"""AdamW for bf16 weights: stochastic rounding keeps the updates that plain bf16 loses."""
+
+import torch
+
+from nanovppo.optim import StochasticAdamW, adamw, stochastic_round_
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
+    gen = torch.Generator().manual_seed(0)
+    lo, hi = 1.0 - 2 ** -8, 1.0  # neighbouring bf16 values
+    src = torch.full((200_000,), 1.0 - 1e-3)  # 0.256 of the way from hi down to lo
+    dst = torch.empty_like(src, dtype=torch.bfloat16)
+    stochastic_round_(dst, src, gen)
+    assert set(dst.float().unique().tolist()) == {lo, hi}
+    assert abs(dst.float().mean().item() - src[0].item()) < 2e-5
+    assert src.to(torch.bfloat16).float().unique().tolist() == [hi]  # nearest: always up
+    # Sign, exact values and special values are kept.
+    special = torch.tensor([-(1.0 - 1e-3), 0.5, -0.0, float("inf"), -float("inf"), float("nan")])
+    out = torch.empty_like(special, dtype=torch.bfloat16)
+    stochastic_round_(out, special, gen)
+    assert out[0].item() in (-lo, -hi)
+    assert out[1].item() == 0.5 and out[2].item() == 0.0
+    assert out[3].item() == float("inf") and out[4].item() == -float("inf")
+    assert torch.isnan(out[5])
+
+
+def _train(params, opt, steps, target):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((params.float() - target) ** 2).sum()
+        loss.backward()
+        opt.step()
+    return params.detach().float()
+
+
+def test_bf16_weights_follow_fp32_adamw_where_plain_bf16_adamw_stalls():
+    # Weights near 0.05 (bf16 steps of 2.4e-4 there), learning rate 1e-5 per step.
+    torch.manual_seed(0)
+    init = 0.05 + 0.005 * torch.rand(4096)
+    target = init - 1.0  # every gradient points the same way: Adam moves ~lr per step
+    steps, lr = 60, 1e-5
+    p32 = init.clone().requires_grad_()
+    ref = _train(p32, torch.optim.AdamW([p32], lr=lr, weight_decay=0.0), steps, target)
+    p16 = init.to(torch.bfloat16).requires_grad_()
+    start = p16.detach().float().clone()
+    ours = _train(p16, StochasticAdamW([p16], lr=lr, seed=3), steps, target)
+    plain16 = init.to(torch.bfloat16).requires_grad_()
+    stalled = _train(plain16, torch.optim.AdamW([plain16], lr=lr, weight_decay=0.0),
+                     steps, target)
+    want = (ref - init).mean().item()  # about -6e-4
+    assert want < -5e-4
+    assert (stalled - start).abs().max().item() == 0.0  # every update rounded away
+    got = (ours - start).mean().item()
+    assert abs(got - want) < 0.05 * abs(want)
+
+
+def test_state_dict_round_trip_resumes_bit_for_bit():
+    torch.manual_seed(0)
+    init = torch.randn(1000).to(torch.bfloat16)
+    target = torch.randn(1000)
+
+    a = init.clone().requires_grad_()
+    opt_a = StochasticAdamW([a], lr=1e-3, weight_decay=0.1, seed=7)
+    _train(a, opt_a, 4, target)
+
+    b = init.clone().requires_grad_()
+    opt_b = StochasticAdamW([b], lr=1e-3, weight_decay=0.1, seed=7)
+    _train(b, opt_b, 2, target)
+    saved_params, saved_state = b.detach().clone(), opt_b.state_dict()
+    c = saved_params.clone().requires_grad_()
+    opt_c = StochasticAdamW([c], lr=1e-3, weight_decay=0.1, seed=7)
+    opt_c.load_state_dict(saved_state)
+    _train(c, opt_c, 2, target)
+    assert torch.equal(a.detach(), c.detach())
+    assert opt_c.state[c]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_fp32_parameters_get_torch_adamw():
+    p = torch.nn.Parameter(torch.zeros(3))
+    assert type(adamw([p], lr=1e-3)) is torch.optim.AdamW
+    q = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    assert isinstance(adamw([p, q], lr=1e-3), StochasticAdamW)
