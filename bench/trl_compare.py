@@ -38,6 +38,19 @@ sys.path.insert(0, str(ROOT))
 
 PROMPTS, GROUP, MICRO, LR = 8, 4, 8, 2e-5
 
+# nanovppo's settings compared (each a list of Hydra overrides). "nanovppo" is the
+# default configuration; "-bf16w" keeps weights, gradients and AdamW moments in bf16
+# (stochastic rounding; bf16 rows only), "-ckpt" recomputes activations in the backward
+# pass (as TRL's GRPOConfig does by default), "-vllm" samples with the vllm engine.
+VARIANTS = {
+    "nanovppo": [],
+    "nanovppo-ckpt": ["hardware.gradient_checkpointing=true"],
+    "nanovppo-bf16w": ["hardware.param_dtype=bfloat16"],
+    "nanovppo-bf16w-ckpt": ["hardware.param_dtype=bfloat16",
+                            "hardware.gradient_checkpointing=true"],
+    "nanovppo-vllm": ["inference_backend=vllm"],
+}
+
 
 def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     """Sustained FLOP/s of an n x n matmul in ``dtype`` on this machine."""
@@ -67,7 +80,7 @@ def peak_rss_gb() -> float:
 # Workers (one process each)
 # ----------------------------------------------------------------------------------------
 
-def run_nanovppo(dtype: str, new_tokens: int, steps: int) -> dict:
+def run_nanovppo(dtype: str, new_tokens: int, steps: int, variant: str = "nanovppo") -> dict:
     from mlflow.tracking import MlflowClient
 
     from nanovppo.tasks.countdown import CountdownTask
@@ -84,7 +97,7 @@ def run_nanovppo(dtype: str, new_tokens: int, steps: int) -> dict:
                        "trainer.checkpoint_every=0", "trainer.samples_every=0",
                        "trainer.progress=false", f"hardware.compute_dtype={compute}",
                        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-                       f"model.cache_dir={ROOT}/outputs/cache/models"])
+                       f"model.cache_dir={ROOT}/outputs/cache/models", *VARIANTS[variant]])
     import nanovppo.train as nt
 
     nt._save_checkpoint = lambda *a, **k: None  # not part of a training step's work
@@ -203,8 +216,11 @@ def summarise(result: dict, dtype: str, peak: dict, params: int) -> dict:
 
 def worker_main(framework: str, dtype: str, new_tokens: int, steps: int) -> None:
     torch.manual_seed(0)
-    fn = run_nanovppo if framework == "nanovppo" else run_trl
-    print("RESULT " + json.dumps(fn(dtype, new_tokens, steps)), flush=True)
+    if framework == "trl":
+        result = run_trl(dtype, new_tokens, steps)
+    else:
+        result = run_nanovppo(dtype, new_tokens, steps, framework)
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def main() -> None:
@@ -212,7 +228,8 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"])
     ap.add_argument("--new-tokens", nargs="+", type=int, default=[48, 96])
     ap.add_argument("--steps", type=int, default=4, help="the median is over steps 2..N")
-    ap.add_argument("--frameworks", nargs="+", default=["nanovppo", "trl"])
+    ap.add_argument("--frameworks", nargs="+", default=["nanovppo", "nanovppo-bf16w", "trl"],
+                    help=f"trl and any of {', '.join(VARIANTS)}")
     ap.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "DTYPE", "TOKENS"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -235,6 +252,8 @@ def main() -> None:
     for dtype in args.dtypes:
         for tokens in args.new_tokens:
             for fw in args.frameworks:  # alternating, so drift hits both alike
+                if "bf16w" in fw and dtype != "bf16":
+                    continue
                 t0 = time.perf_counter()
                 proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
                                        "--worker", fw, dtype, str(tokens)], env=env,
@@ -244,7 +263,7 @@ def main() -> None:
                     print(f"{fw} {dtype} {tokens}: failed\n{proc.stderr[-3000:]}", flush=True)
                     continue
                 rows[(fw, dtype, tokens)] = summarise(json.loads(line[0][7:]), dtype, peak, params)
-                print(f"{fw:8s} {dtype} {tokens:3d} tok: {rows[(fw, dtype, tokens)]} "
+                print(f"{fw:19s} {dtype} {tokens:3d} tok: {rows[(fw, dtype, tokens)]} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     cols = ["step", "generation", "forward", "backward", "optimizer", "weight_sync"]
@@ -255,17 +274,20 @@ def main() -> None:
         print(f"| {fw} {dtype} {tokens} | " + " | ".join(f"{r[c]:.2f}" for c in cols)
               + f" | {r['peak_rss_gb']:.2f} | {r['tok_s']:.0f} | {100 * r['fwd_share']:.0f}%"
               f" | {100 * r['bwd_share']:.0f}% |")
-    print("\n| workload | step nanovppo/TRL | generation | update (fwd+bwd+opt) | peak RSS |")
-    print("|---|---|---|---|---|")
+    print("\n| workload | nanovppo setting | step / TRL's | generation | update (fwd+bwd+opt)"
+          " | peak RSS |")
+    print("|---|---|---|---|---|---|")
+    upd = lambda r: r["forward"] + r["backward"] + r["optimizer"]  # noqa: E731
     for dtype in args.dtypes:
         for tokens in args.new_tokens:
-            a, b = rows.get(("nanovppo", dtype, tokens)), rows.get(("trl", dtype, tokens))
-            if not (a and b):
-                continue
-            upd = lambda r: r["forward"] + r["backward"] + r["optimizer"]  # noqa: E731
-            print(f"| {dtype} {tokens} tok | {a['step'] / b['step']:.2f}x | "
-                  f"{a['generation'] / b['generation']:.2f}x | {upd(a) / upd(b):.2f}x | "
-                  f"{a['peak_rss_gb'] / b['peak_rss_gb']:.2f}x |")
+            b = rows.get(("trl", dtype, tokens))
+            for fw in args.frameworks:
+                a = rows.get((fw, dtype, tokens))
+                if fw == "trl" or not (a and b):
+                    continue
+                print(f"| {dtype} {tokens} tok | {fw} | {a['step'] / b['step']:.2f}x | "
+                      f"{a['generation'] / b['generation']:.2f}x | {upd(a) / upd(b):.2f}x | "
+                      f"{a['peak_rss_gb'] / b['peak_rss_gb']:.2f}x |")
 
 
 if __name__ == "__main__":

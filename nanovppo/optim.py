@@ -5,11 +5,13 @@ moments are all bf16: half the memory of fp32 master weights, and no autocast co
 the weights. Plain bf16 AdamW would not learn at RL learning rates: an update of 1e-5 on a
 weight of 0.05 is far below bf16's resolution there (8 bits of mantissa, steps of ~2e-4),
 so round-to-nearest returns the old weight and the update is lost. Here each update is
-computed in fp32 and written back with *stochastic rounding*: rounded up with probability
-equal to the remainder's share of the gap, so every weight and moment equals its fp32
-value in expectation and small updates accumulate instead of vanishing.
+computed in fp32 and the weight written back with *stochastic rounding*: rounded up with
+probability equal to the remainder's share of the gap, so it equals its fp32 value in
+expectation and small updates accumulate instead of vanishing. The moments are stored
+rounded to nearest: each step moves them by a sizeable fraction of themselves (10% and 1%
+of the distance to the new gradient), and an Adam step only needs their rough size.
 
-fp32 parameters get ``torch.optim.AdamW`` itself.
+fp32 parameters get ``torch.optim.AdamW`` itself (its fused kernel where possible).
 """
 
 from __future__ import annotations
@@ -27,26 +29,38 @@ def adamw(params: Iterable[torch.nn.Parameter], lr: float, betas=(0.9, 0.99),
     """``torch.optim.AdamW`` when every parameter is fp32, else ``StochasticAdamW``."""
     params = list(params)
     if all(p.dtype == torch.float32 for p in params):
+        # The fused kernel: one pass over memory (0.05 s instead of 0.27 s for SmolLM2's
+        # 135M parameters on 2 cores); FSDP2's sharded parameters take the default path.
+        fused = not any(hasattr(p, "to_local") for p in params)
         return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps,
-                                 weight_decay=weight_decay)
+                                 weight_decay=weight_decay, fused=fused or None)
     return StochasticAdamW(params, lr=lr, betas=tuple(betas), eps=eps,
                            weight_decay=weight_decay, seed=seed)
 
 
-def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator) -> None:
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator,
+                      noise: torch.Tensor | None = None) -> None:
     """Write fp32 ``src`` into bf16 ``dst``, rounding each value up or down at random so
-    that the result equals ``src`` in expectation.
+    that the result equals ``src`` in expectation. ``noise`` is an optional int32 buffer
+    of at least ``src.numel()`` elements to work in.
 
     A bf16 value is the top 16 bits of an fp32 one. Adding a uniform random integer in
     [0, 2^16) to the fp32 bit pattern and clearing the low 16 bits rounds the magnitude up
     exactly when the noise exceeds the dropped bits' complement, i.e. with probability
     (dropped bits) / 2^16. Infinities and NaNs keep their class.
     """
-    bits = src.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=src.device,
-                          generator=generator)
-    rounded = (bits + noise).bitwise_and_(-65536)  # -65536 == 0xFFFF0000
-    dst.copy_(rounded.view(torch.float32))  # exact: the value has a bf16 representation
+    n = src.numel()
+    bits = src.contiguous().view(-1).view(torch.int32)
+    if noise is None:
+        noise = torch.empty(n, dtype=torch.int32, device=src.device)
+    noise = noise.view(-1)[:n]
+    # Four 16-bit draws per 64-bit random number (drawing int64s over their whole range
+    # is ~3x cheaper per bit than drawing int32s).
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=src.device)
+    draws.random_(-2 ** 63, None, generator=generator)
+    noise.copy_(draws.view(torch.int16)[:n]).bitwise_and_(0xFFFF)
+    rounded = noise.add_(bits).bitwise_and_(-65536)  # -65536 == 0xFFFF0000
+    dst.copy_(rounded.view(torch.float32).view(src.shape))  # exact: the value has a bf16 representation
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -55,8 +69,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class StochasticAdamW(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay) with fp32 arithmetic and stochastically rounded
-    bf16 storage for the weights and both moments; see the module doc. fp32 parameters in
+    """AdamW (decoupled weight decay) with fp32 arithmetic, stochastically rounded bf16
+    weights and bf16 moments; see the module doc. fp32 parameters in
     the same optimizer are updated exactly. State keys match ``torch.optim.AdamW``'s."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.99), eps: float = 1e-8,
@@ -65,6 +79,7 @@ class StochasticAdamW(torch.optim.Optimizer):
                                       weight_decay=weight_decay))
         self.seed = seed
         self.generator = None
+        self._work = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -101,22 +116,35 @@ class StochasticAdamW(torch.optim.Optimizer):
         self.generator.manual_seed((self.seed * 1_000_003 + step) * 65_537 + index)
         return self.generator
 
-    @staticmethod
-    def _update(p, grad, m, v, t, lr, b1, b2, eps, wd, gen) -> None:
-        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
-        step_size, root_bc2 = lr / bc1, math.sqrt(bc2)
+    def _buffers(self, device) -> dict[str, torch.Tensor]:
+        """fp32 work space for one chunk, kept between steps (fresh allocations of this size
+        cost more here than the arithmetic: each is new pages from the OS)."""
+        if self._work is None or self._work["g"].device != device:
+            self._work = {k: torch.empty(CHUNK, dtype=torch.float32, device=device)
+                          for k in ("g", "m", "v", "w", "d")}
+            self._work["noise"] = torch.empty(CHUNK, dtype=torch.int32, device=device)
+        return self._work
+
+    def _update(self, p, grad, m, v, t, lr, b1, b2, eps, wd, gen) -> None:
+        bc1, root_bc2 = 1 - b1 ** t, math.sqrt(1 - b2 ** t)
+        # p -= lr/bc1 * m / (sqrt(v)/root_bc2 + eps), with root_bc2 folded into the step.
+        step_size, eps_hat = lr / bc1 * root_bc2, eps * root_bc2
+        work = self._buffers(p.device)
         flat = [x.view(-1) for x in (p, grad, m, v)]
         for i in range(0, p.numel(), CHUNK):
             pc, gc, mc, vc = (x[i:i + CHUNK] for x in flat)
-            g = gc.float()
-            m32 = mc.float().lerp_(g, 1 - b1)
-            v32 = vc.float().mul_(b2).addcmul_(g, g, value=1 - b2)
-            w = pc.float()
+            n = pc.numel()
+            g, m32, v32, w, d = (work[k][:n] for k in ("g", "m", "v", "w", "d"))
+            g.copy_(gc)
+            m32.copy_(mc).lerp_(g, 1 - b1)
+            v32.copy_(vc).mul_(b2).addcmul_(g, g, value=1 - b2)
+            mc.copy_(m32)  # the moments round to nearest (see the module doc)
+            vc.copy_(v32)
+            w.copy_(pc)
             if wd:
                 w.mul_(1 - lr * wd)
-            w.addcdiv_(m32, v32.sqrt().div_(root_bc2).add_(eps), value=-step_size)
-            for dst, src in ((pc, w), (mc, m32), (vc, v32)):
-                if dst.dtype == torch.bfloat16:
-                    stochastic_round_(dst, src, gen)
-                else:  # fp32: exact (fp16 would round to nearest)
-                    dst.copy_(src)
+            w.addcdiv_(m32, torch.sqrt(v32, out=d).add_(eps_hat), value=-step_size)
+            if pc.dtype == torch.bfloat16:
+                stochastic_round_(pc, w, gen, work["noise"])
+            else:  # fp32: exact (fp16 would round to nearest)
+                pc.copy_(w)

@@ -62,6 +62,8 @@ class HFEngine:
             self.model.requires_grad_(False)
             if attn_implementation:
                 self.model.config._attn_implementation = attn_implementation
+        # A shared policy decodes with this attention and trains with its own.
+        self.attn_implementation = attn_implementation
         self.generator = torch.Generator().manual_seed(seed)
         self.progress = False  # the trainer turns the decoding bar on
         # Prefill a prompt once for all its samples (False: once per sample, to measure).
@@ -88,13 +90,18 @@ class HFEngine:
         per_call = max(1, self.max_batch // sampling.n)  # prompts per forward batch
         out: list[list[Completion]] = []
         was_training = self.model.training
+        config = self.model.config
+        trains_with = config._attn_implementation
         self.model.eval()
         try:
+            if self.attn_implementation:
+                config._attn_implementation = self.attn_implementation
             for i in range(0, len(prompts), per_call):
                 out.extend(self._generate_batch(prompts[i:i + per_call], sampling,
                                                 budgets[i:i + per_call]))
         finally:
             self.model.train(was_training)
+            config._attn_implementation = trains_with
         return out
 
     @torch.no_grad()
