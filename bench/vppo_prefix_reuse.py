@@ -1,11 +1,13 @@
-"""VinePPO value estimation with and without reusing each prefix's KV cache (hf engine).
+"""VinePPO value estimation with and without reusing prefixes' keys and values.
 
-    python bench/vppo_prefix_reuse.py [--prompts 8] [--group 4] [--mc 4] [--repeats 2]
+    python bench/vppo_prefix_reuse.py [--engine hf|vllm] [--prompts 8] [--group 4] [--mc 4]
 
 Samples one GRPO-sized batch of Countdown responses from SmolLM2-135M, then times
-VinePPO's Monte-Carlo value estimation on it twice per setting, alternating: with the
-engine prefilling each prefix once and copying its KV cache to the K continuations
-(``share_prefix=True``), and with every continuation prefilling its prefix itself.
+VinePPO's Monte-Carlo value estimation on it twice per setting, alternating. hf engine:
+each state's prefix prefilled once and its KV cache copied to the K continuations
+(``share_prefix=True``) against every continuation prefilling its prefix itself. vllm
+engine: prefix caching on (the prompt's and each state's KV blocks are shared by every
+continuation that starts with them) against off; two engines, one per setting.
 """
 
 from __future__ import annotations
@@ -32,14 +34,24 @@ def main() -> None:
     p.add_argument("--mc", type=int, default=4)
     p.add_argument("--max-steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     args = p.parse_args()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["algo=vppo"])
+        cfg = compose(config_name="config",
+                      overrides=["algo=vppo", f"inference_backend={args.engine}"])
     torch.manual_seed(0)
     task = instantiate(cfg.task)
     model, tok = load_model(cfg.model, dtype=cfg.hardware.param_dtype)
-    engine = instantiate(cfg.inference_backend, model=model, tokenizer=tok, seed=0,
-                         _convert_="partial")
+    engines = {}
+    for share in (True, False):
+        if args.engine == "hf":
+            engines[share] = engines.get(True) or instantiate(
+                cfg.inference_backend, model=model, tokenizer=tok, seed=0, _convert_="partial")
+        else:
+            engines[share] = instantiate(cfg.inference_backend, model=model, tokenizer=tok,
+                                         seed=0, enable_prefix_caching=share,
+                                         _convert_="partial")
+    engine = engines[True]
     sampling = Sampling(n=args.group, temperature=1.0, max_new_tokens=cfg.rollout.max_new_tokens,
                         stop=task.stop)
     source = RolloutSource(task, tok, engine, sampling)
@@ -49,7 +61,10 @@ def main() -> None:
     times = {True: [], False: []}
     for _ in range(args.repeats):
         for share in (True, False):
-            engine.share_prefix = share
+            engine = engines[share]
+            if args.engine == "hf":
+                engine.share_prefix = share
+            source.engine = engine
             t0 = time.perf_counter()
             _, m = algo.make_samples(ro, source)
             times[share].append(time.perf_counter() - t0)
