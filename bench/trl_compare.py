@@ -41,13 +41,15 @@ PROMPTS, GROUP, MICRO, LR = 8, 4, 8, 2e-5
 # nanovppo's settings compared (each a list of Hydra overrides). "nanovppo" is the
 # default configuration; "-bf16w" keeps weights, gradients and AdamW moments in bf16
 # (stochastic rounding; bf16 rows only), "-ckpt" recomputes activations in the backward
-# pass (as TRL's GRPOConfig does by default), "-vllm" samples with the vllm engine.
+# pass (as TRL's GRPOConfig does by default), "-lowmem" adds that and hands freed memory
+# back after every micro-batch, "-vllm" samples with the vllm engine.
+LOWMEM = ["hardware.gradient_checkpointing=true", "hardware.low_memory=true"]
 VARIANTS = {
     "nanovppo": [],
     "nanovppo-ckpt": ["hardware.gradient_checkpointing=true"],
+    "nanovppo-lowmem": LOWMEM,
     "nanovppo-bf16w": ["hardware.param_dtype=bfloat16"],
-    "nanovppo-bf16w-ckpt": ["hardware.param_dtype=bfloat16",
-                            "hardware.gradient_checkpointing=true"],
+    "nanovppo-bf16w-lowmem": ["hardware.param_dtype=bfloat16", *LOWMEM],
     "nanovppo-vllm": ["inference_backend=vllm"],
 }
 
@@ -228,7 +230,7 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"])
     ap.add_argument("--new-tokens", nargs="+", type=int, default=[48, 96])
     ap.add_argument("--steps", type=int, default=4, help="the median is over steps 2..N")
-    ap.add_argument("--frameworks", nargs="+", default=["nanovppo", "nanovppo-bf16w", "trl"],
+    ap.add_argument("--frameworks", nargs="+", default=["nanovppo", "nanovppo-bf16w", "nanovppo-bf16w-lowmem", "nanovppo-lowmem", "trl"],
                     help=f"trl and any of {', '.join(VARIANTS)}")
     ap.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "DTYPE", "TOKENS"),
                     help=argparse.SUPPRESS)

@@ -79,13 +79,14 @@ def test_resume_continues_the_same_mlflow_run(tmp_path):
 
 def test_bf16_weights_with_checkpointed_layers_train_and_resume(tmp_path, monkeypatch):
     """hardware.param_dtype=bfloat16: weights and AdamW moments in bf16 (stochastic
-    rounding), here with activation checkpointing; the run trains, saves and resumes. (A
+    rounding), here with activation checkpointing and low_memory; the run trains, saves and
+    resumes. (A
     length bonus gives the random model's completions different rewards, so gradients.)"""
     import torch
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "examples"))
     hw = ["hardware.param_dtype=bfloat16", "hardware.gradient_checkpointing=true",
-          "algo.lr=1e-3", "task._target_=my_tasks.ConciseCountdown", "+task.length_bonus=0.5"]
+          "hardware.low_memory=true", "algo.lr=1e-3", "task._target_=my_tasks.ConciseCountdown", "+task.length_bonus=0.5"]
     run_cli(tmp_path, "trainer.max_steps=2", "trainer.checkpoint_every=2", *hw)
     c, runs = only_run(tmp_path)
     run_dir = Path(runs[0].data.tags["nanovppo.run_dir"])
