@@ -8,7 +8,7 @@ Workload (both frameworks): SmolLM2-135M-Instruct, Countdown prompts rendered th
 way, 8 prompts x 4 samples per step, T=1, top-p 1, no stop string (completions run to EOS
 or the token limit), one optimizer step per rollout batch in micro-batches of 8, no
 reference model (KL 0), lr 2e-5, AdamW. bf16 means bf16 autocast over fp32 weights in both
-(TRL: ``bf16=True, use_cpu=True``); fp32 means fp32 throughout.
+(TRL: ``bf16=True, use_cpu=True``; nanovppo's default setting); fp32 means fp32 throughout.
 
 Each (framework, dtype, length) runs in its own process, nanovppo and TRL alternating, so
 peak RSS is that process's own. Reported per run: median over steps 2..N of the step
@@ -16,6 +16,8 @@ time and its phases (generation, log-prob + loss forward, backward, optimizer, w
 sync), peak RSS, generated tokens/s, and each phase's FLOP/s as a share of this
 machine's measured matmul FLOP/s in that dtype (FLOPs = 2 x matmul parameters x tokens
 processed forward, 3x that for forward + backward; attention's own FLOPs are left out).
+nanovppo runs in several settings (``VARIANTS`` below); the second table gives each one's
+ratios to TRL.
 """
 
 from __future__ import annotations
@@ -230,7 +232,9 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"])
     ap.add_argument("--new-tokens", nargs="+", type=int, default=[48, 96])
     ap.add_argument("--steps", type=int, default=4, help="the median is over steps 2..N")
-    ap.add_argument("--frameworks", nargs="+", default=["nanovppo", "nanovppo-bf16w", "nanovppo-bf16w-lowmem", "nanovppo-lowmem", "trl"],
+    ap.add_argument("--frameworks", nargs="+",
+                    default=["nanovppo", "nanovppo-bf16w", "nanovppo-bf16w-lowmem",
+                             "nanovppo-lowmem", "trl"],
                     help=f"trl and any of {', '.join(VARIANTS)}")
     ap.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "DTYPE", "TOKENS"),
                     help=argparse.SUPPRESS)

@@ -60,7 +60,8 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Gen
     draws.random_(-2 ** 63, None, generator=generator)
     noise.copy_(draws.view(torch.int16)[:n]).bitwise_and_(0xFFFF)
     rounded = noise.add_(bits).bitwise_and_(-65536)  # -65536 == 0xFFFF0000
-    dst.copy_(rounded.view(torch.float32).view(src.shape))  # exact: the value has a bf16 representation
+    # Exact: each value now has a bf16 representation.
+    dst.copy_(rounded.view(torch.float32).view(src.shape))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -70,8 +71,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 class StochasticAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) with fp32 arithmetic, stochastically rounded bf16
-    weights and bf16 moments; see the module doc. fp32 parameters in
-    the same optimizer are updated exactly. State keys match ``torch.optim.AdamW``'s."""
+    weights and bf16 moments; see the module doc. fp32 parameters in the same optimizer
+    are updated exactly. State keys match ``torch.optim.AdamW``'s."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.99), eps: float = 1e-8,
                  weight_decay: float = 0.0, seed: int = 0):
