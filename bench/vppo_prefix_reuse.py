@@ -42,15 +42,14 @@ def main() -> None:
     torch.manual_seed(0)
     task = instantiate(cfg.task)
     model, tok = load_model(cfg.model, dtype=cfg.hardware.param_dtype)
-    engines = {}
-    for share in (True, False):
-        if args.engine == "hf":
-            engines[share] = engines.get(True) or instantiate(
-                cfg.inference_backend, model=model, tokenizer=tok, seed=0, _convert_="partial")
-        else:
-            engines[share] = instantiate(cfg.inference_backend, model=model, tokenizer=tok,
-                                         seed=0, enable_prefix_caching=share,
-                                         _convert_="partial")
+    def build(**kw):
+        return instantiate(cfg.inference_backend, model=model, tokenizer=tok, seed=0,
+                           _convert_="partial", **kw)
+
+    if args.engine == "hf":  # one engine; its share_prefix is switched for each run
+        engines = dict.fromkeys((True, False), build())
+    else:  # prefix caching is fixed when a vLLM engine starts: one engine per setting
+        engines = {share: build(enable_prefix_caching=share) for share in (True, False)}
     engine = engines[True]
     sampling = Sampling(n=args.group, temperature=1.0, max_new_tokens=cfg.rollout.max_new_tokens,
                         stop=task.stop)

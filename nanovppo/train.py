@@ -270,7 +270,8 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
     bar.close()
     optimizer.zero_grad(set_to_none=True)
     release_free_memory()
-    keep_freed_memory()
+    if low_memory:
+        keep_freed_memory()  # back to reusing freed pages for the rest of the step
     keys = sorted(totals)
     totals = dict(zip(keys, dd.all_reduce_sum([totals[k] for k in keys], d)))
     perf = dict(zip(perf, dd.all_reduce_max(list(perf.values()), d)))  # the slowest rank
