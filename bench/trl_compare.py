@@ -14,8 +14,11 @@ Each (framework, dtype, length) runs in its own process, nanovppo and TRL altern
 peak RSS is that process's own. Reported per run: median over steps 2..N of the step
 time and its phases (generation, log-prob + loss forward, backward, optimizer, weight
 sync), peak RSS, generated tokens/s, and each phase's FLOP/s as a share of this
-machine's measured matmul FLOP/s in that dtype (FLOPs = 2 x matmul parameters x tokens
-processed forward, 3x that for forward + backward; attention's own FLOPs are left out).
+machine's measured matmul FLOP/s in that dtype. Forward FLOPs = 2 x (the decoder's matmul
+parameters x the tokens it ran + the output head's parameters x the positions it scored),
+forward + backward 3x that; attention's own FLOPs and recomputation are left out.
+nanovppo's head scores the real completion tokens; TRL's fused head, on a CPU, scores
+every position of the sequence.
 nanovppo runs in several settings (``VARIANTS`` below); the second table gives each one's
 ratios to TRL.
 """
@@ -67,13 +70,13 @@ def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-def matmul_params(model) -> int:
-    """Parameters that take part in matmuls per token: every linear weight and the head."""
-    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+def matmul_params(model) -> tuple[int, int]:
+    """Parameters that take part in matmuls per token: (the decoder's linear weights, the
+    output head's)."""
     head = model.get_output_embeddings()
-    if head is not None and not isinstance(head, torch.nn.Linear):
-        n += head.weight.numel()
-    return n
+    decoder = sum(m.weight.numel() for m in model.modules()
+                  if isinstance(m, torch.nn.Linear) and m is not head)
+    return decoder, head.weight.numel()
 
 
 def peak_rss_gb() -> float:
@@ -115,7 +118,8 @@ def run_nanovppo(dtype: str, new_tokens: int, steps: int, variant: str = "nanovp
         "optimizer": hist("perf/update_optimizer_s"), "weight_sync": hist("perf/weight_sync_s"),
         # generated tokens, and the tokens the update's forwards ran (each prompt once)
         "gen_tokens": [n * PROMPTS * GROUP for n in hist("train/response_length")],
-        "update_tokens": hist("perf/update_tokens")}
+        "update_tokens": hist("perf/update_tokens"),
+        "head_tokens": hist("perf/update_head_tokens")}
     return {"steps": per_step, "peak_rss_gb": peak_rss_gb()}
 
 
@@ -140,7 +144,7 @@ def run_trl(dtype: str, new_tokens: int, steps: int) -> dict:
                 for c, e in zip(completions, example)]
 
     timing = {k: [] for k in ("step", "generation", "forward", "backward", "optimizer",
-                              "gen_tokens", "update_tokens")}
+                              "gen_tokens", "update_tokens", "head_tokens")}
     cur = {}
 
     class Clock(TrainerCallback):
@@ -189,6 +193,9 @@ def run_trl(dtype: str, new_tokens: int, steps: int) -> dict:
     def count_fwd(a, k, out):
         ids = k.get("input_ids", a[1] if len(a) > 1 else None)
         cur["update_tokens"] += ids.numel()
+        # Off Triton devices TRL's fused head scores every position but the last of each
+        # sequence (trl.trainer.utils.add_fused_lm_head).
+        cur["head_tokens"] += ids.numel() - ids.shape[0]
 
     trainer._generate = timed(trainer._generate, "generation", count_gen)
     trainer._get_per_token_logps_and_entropies = timed(
@@ -203,15 +210,15 @@ def run_trl(dtype: str, new_tokens: int, steps: int) -> dict:
 # Driver
 # ----------------------------------------------------------------------------------------
 
-def summarise(result: dict, dtype: str, peak: dict, params: int) -> dict:
+def summarise(result: dict, dtype: str, peak: dict, params: tuple[int, int]) -> dict:
     s = result["steps"]
     med = lambda k: statistics.median(s[k][1:]) if s.get(k) else 0.0  # noqa: E731
     out = {k: med(k) for k in ("step", "generation", "forward", "backward", "optimizer",
                                "weight_sync")}
     out["peak_rss_gb"] = result["peak_rss_gb"]
     out["tok_s"] = med("gen_tokens") / max(out["generation"], 1e-9)
-    p, limit = params, peak[dtype]
-    fwd_flops = 2 * p * med("update_tokens")
+    (decoder, head), limit = params, peak[dtype]
+    fwd_flops = 2 * (decoder * med("update_tokens") + head * med("head_tokens"))
     out["fwd_share"] = fwd_flops / max(out["forward"], 1e-9) / limit
     out["bwd_share"] = 2 * fwd_flops / max(out["backward"], 1e-9) / limit
     out["update_share"] = 3 * fwd_flops / max(out["forward"] + out["backward"], 1e-9) / limit

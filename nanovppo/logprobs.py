@@ -1,8 +1,9 @@
 """Per-token log-probabilities of completions under a causal LM.
 
-Logits are computed only at the positions that predict completion tokens and in chunks of
-rows; when gradients are needed each chunk is recomputed in the backward pass
-(``torch.utils.checkpoint``), so no [batch, seq, vocab] float32 tensor is ever held.
+Logits are computed only at the positions that predict real (unpadded) completion tokens,
+in chunks, by one autograd function (``_HeadLogprobs``) that keeps only the hidden states
+and recomputes a chunk's logits in the backward pass: no [batch, seq, vocab] float32
+tensor is ever held, and each chunk's vocabulary-wide work is a handful of passes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import functools
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -39,18 +39,6 @@ def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
         attn[r, P - len(p):P + len(c)] = 1
         cmask[r, :len(c)] = 1.0
     return Batch(ids, attn, cmask, P)
-
-
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of ``targets`` and the entropy of the distributions, both [b, C]."""
-    logits = F.linear(hidden, weight).float() / temperature        # [b, C, V]
-    logz = torch.logsumexp(logits, dim=-1)                          # [b, C]
-    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - logz  # [b, C]
-    with torch.no_grad():
-        probs = torch.exp(logits - logz[..., None])                 # [b, C, V]
-        entropy = logz - (probs * logits).sum(-1)                   # [b, C]
-    return logp, entropy
 
 
 def completion_logprobs(model, batch: Batch, temperature: float = 1.0, chunk_rows: int = 4,
@@ -176,24 +164,85 @@ def _checkpointed(forward, *args, **kwargs):
     return forward(*args, **kwargs)
 
 
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's if it is on, else the inputs'."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _logits(hidden, weight, dtype, temperature) -> torch.Tensor:
+    logits = (hidden.to(dtype) @ weight.to(dtype).T).float()                # [n, V]
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """Log-probs of ``targets`` [n] under the output head, and the entropies [n] of the
+    distributions (not differentiated), from hidden states [n, H].
+
+    Only the inputs are saved; the backward pass recomputes the logits and forms
+    d logp / d logits = onehot(target) - softmax in place. That is the work autograd over
+    ``log_softmax(...).gather(...)`` would do, without keeping the logits, their zero-filled
+    gradient and the intermediate copies: the head was a quarter of the update's time.
+    Matmuls run in autocast's dtype when autocast is on (as ``F.linear`` would), the
+    softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, with_entropy: bool):
+        dtype = _compute_dtype(hidden, weight)
+        with torch.autocast(hidden.device.type, enabled=False):
+            logp_all = torch.log_softmax(_logits(hidden, weight, dtype, temperature), -1)
+            logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)        # [n]
+            if with_entropy:
+                p = logp_all.exp()
+                entropy = -torch.bmm(p[:, None], logp_all[:, :, None]).view(-1)  # [n]
+            else:
+                entropy = logp.new_zeros(0)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.dtype, ctx.temperature = dtype, temperature
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, targets = ctx.saved_tensors
+        dtype, temperature = ctx.dtype, ctx.temperature
+        with torch.autocast(hidden.device.type, enabled=False):
+            grad = torch.softmax(_logits(hidden, weight, dtype, temperature), -1)
+            grad.mul_(-grad_logp[:, None]).scatter_add_(-1, targets[:, None], grad_logp[:, None])
+            if temperature != 1.0:
+                grad.div_(temperature)
+            grad = grad.to(dtype)                                           # [n, V]
+            grad_hidden = grad_weight = None
+            if ctx.needs_input_grad[0]:
+                grad_hidden = (grad @ weight.to(dtype)).to(hidden.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = (grad.T @ hidden.to(dtype)).to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
 def _head_logprobs(model, hidden, targets, cmask, temperature, chunk_rows, with_entropy):
-    """Apply the output head to ``hidden`` [B, C, H] in chunks of rows; see module doc."""
+    """Apply the output head to the real positions of ``hidden`` [B, C, H] in chunks of
+    ``chunk_rows`` rows' worth of tokens; see module doc. Padded positions get 0."""
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("output heads with a bias are not supported")
+    real = cmask.bool()
+    h, t = hidden[real], targets[real]                                       # [n, H], [n]
+    chunk = max(1, chunk_rows * targets.shape[1])
     logps, ents = [], []
-    for i in range(0, hidden.shape[0], chunk_rows):
-        h, t = hidden[i:i + chunk_rows], targets[i:i + chunk_rows]
-        if torch.is_grad_enabled():
-            logp, ent = checkpoint(_chunk_logprobs, h, head.weight, t, temperature,
-                                   use_reentrant=False)
-        else:
-            logp, ent = _chunk_logprobs(h, head.weight, t, temperature)
+    for i in range(0, max(h.shape[0], 1), chunk):
+        logp, ent = _HeadLogprobs.apply(h[i:i + chunk], head.weight, t[i:i + chunk],
+                                        float(temperature), with_entropy)
         logps.append(logp)
         ents.append(ent)
-    logp = torch.cat(logps) * cmask                                  # [B, C]
+    logp = torch.zeros(cmask.shape, dtype=torch.float32, device=cmask.device)
+    logp = logp.masked_scatter(real, torch.cat(logps))                       # [B, C]
     if with_entropy:
-        return logp, torch.cat(ents) * cmask
+        ent = torch.zeros(cmask.shape, dtype=torch.float32, device=cmask.device)
+        return logp, ent.masked_scatter(real, torch.cat(ents))
     return logp
 
 

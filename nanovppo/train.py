@@ -195,8 +195,10 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
     rng = random.Random(cfg.seed * 1_000_003 + step)  # the same on every rank
     totals = {"loss": 0.0, "clip_tokens": 0.0, "kl_tokens": 0.0, "entropy_tokens": 0.0,
               "tokens": 0.0, "entropy_count": 0.0}
-    # Where the update's time goes, and the tokens its forward passes run (for FLOP/s).
-    perf = {"forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0, "tokens": 0.0}
+    # Where the update's time goes, and the work of its forward passes (for FLOP/s): the
+    # tokens the decoder ran and the positions the output head scored.
+    perf = {"forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0, "tokens": 0.0,
+            "head_tokens": 0.0}
     grad_norms = []
     low_memory = bool(cfg.hardware.get("low_memory", False))
     keep_freed_memory(not low_memory)  # the update is where memory peaks
@@ -251,6 +253,7 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
                     perf["forward_s"] += t1 - t0
                     perf["backward_s"] += time.perf_counter() - t1
                     perf["tokens"] += batch.prompt_ids.numel() + batch.completion_ids.numel()
+                    perf["head_tokens"] += batch.completion_mask.sum().item()
                 totals["loss"] += loss.item()
                 totals["clip_tokens"] += stats["clip_tokens"]
                 totals["kl_tokens"] += stats.get("kl_tokens", 0.0)

@@ -1,5 +1,6 @@
 """Completion log-probs: chunked and prefix-shared computations equal a plain forward pass."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +54,41 @@ def test_grouped_gradients_equal_plain_gradients(tiny):
     assert g1.keys() == g2.keys() and len(g1) > 5
     for name in g1:
         torch.testing.assert_close(g1[name], g2[name], atol=1e-5, rtol=1e-4)
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_head_gradients_equal_autograd_through_a_full_log_softmax(tiny, autocast):
+    """The head's own backward (logits recomputed, onehot - softmax formed in place) gives
+    the gradients autograd gives through the full-vocabulary log-softmax, for every
+    parameter (the tied head/embedding included), at a temperature, in fp32 and under bf16
+    autocast (where both run the head's matmul in bf16)."""
+    model, tok = tiny
+    model.eval()
+    pairs = [(p, c) for p, group in zip(PROMPTS, COMPLETIONS) for c in group]
+    weights = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))
+
+    def grads(fn):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def naive_loss():
+        return sum((naive_logprobs(model, p, c, 0.7)[0] * weights[r, :len(c)]).sum()
+                   for r, (p, c) in enumerate(pairs))
+
+    def grouped_loss():
+        logp = group_logprobs(model, pad_groups(PROMPTS, COMPLETIONS, tok.pad_token_id), 0.7,
+                              chunk_rows=1)
+        return (logp * weights[:, :logp.shape[1]]).sum()
+
+    want, got = grads(naive_loss), grads(grouped_loss)
+    assert want.keys() == got.keys() and "model.embed_tokens.weight" in got
+    tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-4)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **tol)
     model.zero_grad()
 
 
