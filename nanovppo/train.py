@@ -373,12 +373,15 @@ def _train(cfg: DictConfig, run_dir, d: dd.Dist) -> dict:
     task = instantiate(cfg.task)
     policy, tokenizer = load_model(policy_cfg, dtype=cfg.hardware.param_dtype)
     policy.to(device)
+    attention = cfg.hardware.get("attn_implementation")
+    _set_attention(policy, attention)
     if cfg.hardware.get("gradient_checkpointing"):
         checkpoint_layers(policy, dd.decoder_layers(policy))
     algo = instantiate(cfg.algo)
     ref = None
     if algo.kl_coef > 0:  # the frozen *initial* policy, also when resuming
         ref_model, _ = load_model(cfg.model, dtype=cfg.hardware.param_dtype)
+        _set_attention(ref_model, attention)
         ref = GroupLogprobs(ref_model.to(device).eval().requires_grad_(False))
     # The engine is built before sharding: an hf engine under FSDP2 keeps its own whole
     # copy (a sharded module cannot sample on one rank alone).
@@ -448,6 +451,15 @@ def _train(cfg: DictConfig, run_dir, d: dd.Dist) -> dict:
         summary = _finish(tracker, cfg, run_dir, last_ckpt, status) if d.main else {
             "status": status, "run_dir": str(run_dir), "rank": d.rank}
     return summary
+
+
+def _set_attention(model, name: str | None) -> None:
+    if not name:
+        return
+    try:
+        model.set_attn_implementation(str(name))
+    except (ValueError, ImportError) as e:
+        raise ConfigError(f"hardware.attn_implementation={name}: {e}") from None
 
 
 def _save_checkpoint(run_dir, step, cfg, model, policy, tokenizer, optimizer, scheduler,

@@ -61,6 +61,7 @@ def test_every_hardware_option_says_device_dtype_strategy_and_engine(hardware):
     assert hw.device in ("cpu", "cuda")
     assert hw.strategy in ("ddp", "fsdp2")
     assert isinstance(hw.gradient_checkpointing, bool)
+    assert hw.attn_implementation in (None, "eager", "sdpa")
     assert {hw.param_dtype, hw.compute_dtype} <= {"float32", "bfloat16"}
     want = {"cpu": "hf", "2gpu-sglang": "sglang"}.get(hardware, "vllm")
     assert cfg.inference_backend.name == want

@@ -19,9 +19,13 @@ def naive_logprobs(model, prompt, completion, temperature=1.0):
     return logp.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1), ent
 
 
-def test_plain_and_grouped_logprobs_equal_a_forward_pass(tiny):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_plain_and_grouped_logprobs_equal_a_forward_pass(tiny, attention):
+    """With either attention kernel (hardware.attn_implementation) the padded and the
+    prompt-shared forwards give each completion's log-probs and entropies."""
     model, tok = tiny
     model.eval()
+    model.set_attn_implementation(attention)
     pairs = [(p, c) for p, group in zip(PROMPTS, COMPLETIONS) for c in group]
     with torch.no_grad():
         expected = [naive_logprobs(model, p, c, 0.7) for p, c in pairs]
@@ -34,6 +38,7 @@ def test_plain_and_grouped_logprobs_equal_a_forward_pass(tiny):
         torch.testing.assert_close(grouped[r, :len(c)], want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ent[r, :len(c)], want_ent, atol=1e-4, rtol=1e-4)
         assert torch.all(grouped[r, len(c):] == 0)
+    model.set_attn_implementation("sdpa")
 
 
 def test_grouped_gradients_equal_plain_gradients(tiny):

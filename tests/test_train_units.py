@@ -53,3 +53,16 @@ def test_lr_schedules(tmp_path):
     cfg = compose_cfg(["trainer.warmup_steps=4"], tmp_path)
     f = _lr_lambda(cfg)
     assert [f(i) for i in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_an_unknown_attention_kernel_is_a_config_error(tiny):
+    from nanovppo.errors import ConfigError
+    from nanovppo.train import _set_attention
+
+    model, _ = tiny
+    with pytest.raises(ConfigError, match="hardware.attn_implementation=flashy"):
+        _set_attention(model, "flashy")
+    _set_attention(model, "eager")
+    assert model.config._attn_implementation == "eager"
+    _set_attention(model, "sdpa")
+    assert model.config._attn_implementation == "sdpa"
