@@ -84,6 +84,21 @@ def autocast_ctx(cfg):
 # Update
 # ----------------------------------------------------------------------------------------
 
+def _minibatch_autocast(model, cfg):
+    """An autocast region around a minibatch's micro-batches. Autocast keeps the casts of
+    leaf weights until its outermost region ends, so the fp32 weights are cast to bf16 once
+    per minibatch instead of once per micro-batch (and again in checkpointed recomputes).
+    Not under FSDP2, whose gathered weights are freed and refilled between forwards."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        return contextlib.nullcontext()
+    return autocast_ctx(cfg)
+
+
+def _no_autocast(cfg):
+    device = "cuda" if str(cfg.hardware.device).startswith("cuda") else "cpu"
+    return torch.autocast(device, enabled=False)
+
+
 def micro_batches(samples: list[Sample], size: int) -> list[list[Sample]]:
     """Pack whole groups into micro-batches of at most ``size`` sequences (at least one
     group each), groups of similar length together so little padding is computed."""
@@ -232,36 +247,42 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
                  float(sum((m.sum(-1) > 0).sum().item() for m in masks))], d)
             n_tokens, n_seqs = max(1.0, n_tokens), max(1.0, n_seqs)
             optimizer.zero_grad(set_to_none=True)
-            for i, mb in enumerate(batches):
-                with _grad_sync(model, i == len(batches) - 1):
-                    t0 = time.perf_counter()
-                    (logp, ent), batch = _logprobs(model, mb, pad_id, cfg, with_entropy=True)
-                    mask = masks[i]
-                    if not mb:
-                        (logp.sum() * 0.0).backward()
-                        bar.update()
-                        continue
-                    adv = _advantages(mb, mask.shape[1])                          # [b, C]
-                    old_logp = logp.detach() if old is None else _stack(mb, old, logp.shape[1])
-                    ref_logp = None if refs is None else _stack(mb, refs, logp.shape[1])
-                    loss, stats = algo.loss(logp, old_logp, ref_logp,
-                                            adv, mask, n_tokens, n_seqs, norm_len)
-                    t1 = time.perf_counter()
-                    (loss * d.world).backward()
-                    if low_memory:  # the micro-batch's activations, now freed
-                        release_free_memory()
-                    perf["forward_s"] += t1 - t0
-                    perf["backward_s"] += time.perf_counter() - t1
-                    perf["tokens"] += batch.prompt_ids.numel() + batch.completion_ids.numel()
-                    perf["head_tokens"] += batch.completion_mask.sum().item()
-                totals["loss"] += loss.item()
-                totals["clip_tokens"] += stats["clip_tokens"]
-                totals["kl_tokens"] += stats.get("kl_tokens", 0.0)
-                totals["tokens"] += mask.sum().item()
-                if epoch == 0:
-                    totals["entropy_tokens"] += (ent * batch.completion_mask).sum().item()
-                    totals["entropy_count"] += batch.completion_mask.sum().item()
-                bar.update()
+            # One autocast region per minibatch: the weights' bf16 casts are made once and
+            # reused by its micro-batches (the weights only change at optimizer.step()).
+            with _minibatch_autocast(model, cfg):
+                for i, mb in enumerate(batches):
+                    with _grad_sync(model, i == len(batches) - 1):
+                        t0 = time.perf_counter()
+                        (logp, ent), batch = _logprobs(model, mb, pad_id, cfg, with_entropy=True)
+                        mask = masks[i]
+                        if not mb:
+                            with _no_autocast(cfg):
+                                (logp.sum() * 0.0).backward()
+                            bar.update()
+                            continue
+                        adv = _advantages(mb, mask.shape[1])                      # [b, C]
+                        old_logp = (logp.detach() if old is None
+                                    else _stack(mb, old, logp.shape[1]))
+                        ref_logp = None if refs is None else _stack(mb, refs, logp.shape[1])
+                        with _no_autocast(cfg):  # the loss and backward as before
+                            loss, stats = algo.loss(logp, old_logp, ref_logp,
+                                                    adv, mask, n_tokens, n_seqs, norm_len)
+                            t1 = time.perf_counter()
+                            (loss * d.world).backward()
+                        if low_memory:  # the micro-batch's activations, now freed
+                            release_free_memory()
+                        perf["forward_s"] += t1 - t0
+                        perf["backward_s"] += time.perf_counter() - t1
+                        perf["tokens"] += batch.prompt_ids.numel() + batch.completion_ids.numel()
+                        perf["head_tokens"] += batch.completion_mask.sum().item()
+                    totals["loss"] += loss.item()
+                    totals["clip_tokens"] += stats["clip_tokens"]
+                    totals["kl_tokens"] += stats.get("kl_tokens", 0.0)
+                    totals["tokens"] += mask.sum().item()
+                    if epoch == 0:
+                        totals["entropy_tokens"] += (ent * batch.completion_mask).sum().item()
+                        totals["entropy_count"] += batch.completion_mask.sum().item()
+                    bar.update()
             t0 = time.perf_counter()
             clip = cfg.trainer.max_grad_norm
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(),

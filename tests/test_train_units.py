@@ -1,5 +1,6 @@
 """Small pieces of the training loop: data order, micro-batching, schedules."""
 
+import contextlib
 import random
 
 import pytest
@@ -66,3 +67,45 @@ def test_an_unknown_attention_kernel_is_a_config_error(tiny):
     assert model.config._attn_implementation == "eager"
     _set_attention(model, "sdpa")
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_one_autocast_region_per_minibatch_gives_the_per_micro_batch_gradients(tiny,
+                                                                               checkpointed):
+    """The update keeps one autocast region over a minibatch's micro-batches, so the bf16
+    casts of the fp32 weights are reused: backward passes through the same cast twice
+    (with checkpointed layers, recomputes hit the cache too). Gradients must equal those
+    of a fresh region per micro-batch."""
+    import copy
+
+    import torch
+
+    from nanovppo.distributed import decoder_layers
+    from nanovppo.logprobs import GroupLogprobs, checkpoint_layers, pad_groups
+    from nanovppo.train import _minibatch_autocast, _no_autocast, autocast_ctx
+
+    model, tok = tiny
+    model = copy.deepcopy(model).train()
+    if checkpointed:
+        checkpoint_layers(model, decoder_layers(model))
+    module = GroupLogprobs(model)
+    cfg = compose_cfg(["model=tiny-random"])
+    batches = [pad_groups([[5, 6, 7]], [[[8, 9], [10]]], tok.pad_token_id),
+               pad_groups([[11, 12]], [[[13, 14, 15], [16, 17]]], tok.pad_token_id)]
+
+    def step(one_region: bool):
+        model.zero_grad(set_to_none=True)
+        outer = _minibatch_autocast(module, cfg) if one_region else contextlib.nullcontext()
+        with outer:
+            for b in batches:
+                with autocast_ctx(cfg):
+                    logp = module(b)
+                with _no_autocast(cfg):
+                    (logp * torch.arange(logp.numel()).view_as(logp)).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fresh, reused = step(False), step(True)
+    assert cfg.hardware.compute_dtype == "bfloat16" and cfg.hardware.param_dtype == "float32"
+    assert torch.is_autocast_cache_enabled()
+    for name in fresh:
+        torch.testing.assert_close(reused[name], fresh[name], atol=0, rtol=0)
