@@ -182,11 +182,11 @@ class _HeadLogprobs(torch.autograd.Function):
     distributions (not differentiated), from hidden states [n, H].
 
     Only the inputs are saved; the backward pass recomputes the logits and forms
-    d logp / d logits = onehot(target) - softmax in place. That is the work autograd over
-    ``log_softmax(...).gather(...)`` would do, without keeping the logits, their zero-filled
-    gradient and the intermediate copies: the head was a quarter of the update's time.
-    Matmuls run in autocast's dtype when autocast is on (as ``F.linear`` would), the
-    softmax in fp32.
+    d logp / d logits = onehot(target) - softmax in place: the gradient autograd would
+    take through ``log_softmax(...).gather(...)``, without a checkpointed recompute of the
+    whole forward (entropy included), the zero-filled gradient of the gather and the
+    intermediate vocabulary-wide copies. Matmuls run in autocast's dtype when autocast is
+    on (as ``F.linear`` would), the softmax in fp32.
     """
 
     @staticmethod
