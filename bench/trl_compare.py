@@ -55,6 +55,8 @@ VARIANTS = {
     "nanovppo-lowmem": LOWMEM,
     "nanovppo-bf16w": ["hardware.param_dtype=bfloat16"],
     "nanovppo-bf16w-lowmem": ["hardware.param_dtype=bfloat16", *LOWMEM],
+    "nanovppo-bf16w-ckpt": ["hardware.param_dtype=bfloat16",
+                            "hardware.gradient_checkpointing=true"],
     "nanovppo-vllm": ["inference_backend=vllm"],
 }
 
@@ -240,8 +242,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", nargs="+", type=int, default=[48, 96])
     ap.add_argument("--steps", type=int, default=4, help="the median is over steps 2..N")
     ap.add_argument("--frameworks", nargs="+",
-                    default=["nanovppo", "nanovppo-bf16w", "nanovppo-bf16w-lowmem",
-                             "nanovppo-lowmem", "trl"],
+                    default=["nanovppo", "nanovppo-bf16w", "nanovppo-bf16w-ckpt",
+                             "nanovppo-bf16w-lowmem", "nanovppo-lowmem", "trl"],
                     help=f"trl and any of {', '.join(VARIANTS)}")
     ap.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "DTYPE", "TOKENS"),
                     help=argparse.SUPPRESS)

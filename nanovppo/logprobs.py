@@ -115,13 +115,53 @@ def _attention_layers(model) -> int:
     return config.num_hidden_layers
 
 
+class _PromptBoundary(torch.autograd.Function):
+    """Splits an update's backward pass in two: the completion pass's, then the prompt
+    pass's.
+
+    Every weight is used by both passes. In one backward pass autograd holds the
+    completion pass's gradient of each weight until the prompt pass's part arrives, at the
+    end: a whole model's worth of gradients held at once (~0.45 GB in fp32 for SmolLM2),
+    above the accumulated ones. Here the completion pass reads detached copies of the
+    prompt's outputs (keys, values, last hidden state), so its weight gradients are
+    accumulated as soon as each layer is done; once the copies' gradients are all in,
+    ``backward`` runs the prompt pass's own backward (a nested one, as reentrant
+    checkpointing does). One process only: DDP and FSDP2 reduce each gradient once per
+    backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, prompt_outputs, *detached):
+        ctx.prompt_outputs = prompt_outputs  # with their history; not autograd inputs
+        return tuple(t.view_as(t) for t in detached)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        pairs = [(t, g) for t, g in zip(ctx.prompt_outputs, grads)
+                 if g is not None and t.requires_grad]
+        ctx.prompt_outputs = None
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        return (None,) * (1 + len(grads))
+
+
+def _split_at_prompt(h_prompt, keys, values):
+    outputs = [h_prompt, *keys, *values]
+    detached = [t.detach().requires_grad_() for t in outputs]
+    split = _PromptBoundary.apply(outputs, *detached)
+    n = len(keys)
+    return split[0], list(split[1:1 + n]), list(split[1 + n:])
+
+
 def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_rows: int = 4,
-                   with_entropy: bool = False):
+                   with_entropy: bool = False, split_backward: bool = False):
     """Like ``completion_logprobs``, but each prompt is run once for its whole group.
 
     The prompt's keys and values (with their autograd history) are computed once and
     shared by its completions, so a group of n samples costs one prompt forward and
     backward instead of n: for GRPO on short completions most of the tokens are prompt.
+    ``split_backward`` runs the completion pass's backward before the prompt pass's
+    (``_PromptBoundary``): the same gradients with a lower peak, in one process.
     """
     decoder = model.get_decoder()
     pids, pmask, cids, cmask, index = batch
@@ -130,8 +170,12 @@ def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_row
     cache = Cache(layers=[_PrefixLayer() for _ in range(n_layers)])
     h_prompt = decoder(input_ids=pids, attention_mask=pmask, position_ids=ppos,
                        past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # [G, H]
-    shared = Cache(layers=[_PrefixLayer((layer.keys[index], layer.values[index]))  # [B, ...]
-                           for layer in cache.layers])
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    if split_backward and torch.is_grad_enabled():
+        h_prompt, keys, values = _split_at_prompt(h_prompt, keys, values)
+    shared = Cache(layers=[_PrefixLayer((k[index], v[index]))              # [B, ...]
+                           for k, v in zip(keys, values)])
     attn = torch.cat([pmask[index], cmask.long()], dim=1)                   # [B, P + C]
     cpos = ppos[index, -1:] + 1 + torch.arange(cids.shape[1])[None]         # [B, C]
     h_comp = decoder(input_ids=cids, attention_mask=attn, position_ids=cpos,
@@ -255,10 +299,12 @@ class GroupLogprobs(torch.nn.Module):
     root's parameters (embeddings, final norm, tied head).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, split_backward: bool = False):
         super().__init__()
         self.model = model
+        self.split_backward = split_backward
 
     def forward(self, batch: GroupBatch, temperature: float = 1.0, chunk_rows: int = 4,
                 with_entropy: bool = False):
-        return group_logprobs(self.model, batch, temperature, chunk_rows, with_entropy)
+        return group_logprobs(self.model, batch, temperature, chunk_rows, with_entropy,
+                              self.split_backward)

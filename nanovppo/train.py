@@ -414,7 +414,8 @@ def _train(cfg: DictConfig, run_dir, d: dd.Dist) -> dict:
     engine = instantiate(cfg.inference_backend, model=policy, tokenizer=tokenizer,
                          seed=cfg.seed + 1009 * engine_group, _convert_="partial", **extra)
     engine.progress = cfg.trainer.progress and d.main
-    model = dd.wrap(GroupLogprobs(policy), strategy, d, device)
+    # One process: the update's backward in two phases (lower peak; see _PromptBoundary).
+    model = dd.wrap(GroupLogprobs(policy, split_backward=not d.on), strategy, d, device)
     optimizer = adamw(model.parameters(), lr=algo.lr, betas=tuple(cfg.trainer.adam_betas),
                       weight_decay=cfg.trainer.weight_decay, seed=cfg.seed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))

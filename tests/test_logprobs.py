@@ -134,3 +134,41 @@ def test_activation_checkpointing_keeps_the_prompt_shared_with_its_completions(t
         torch.testing.assert_close(g1[name], g2[name], atol=1e-6, rtol=1e-5)
     model.zero_grad()
     model.eval()
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_split_backward_gives_the_same_gradients_accumulated_earlier(tiny, checkpointed):
+    """``split_backward`` runs the completion pass's backward, then the prompt pass's:
+    the same gradients, but each weight's completion-pass gradient is accumulated as soon
+    as it is computed (a second accumulation per weight) instead of being held until the
+    prompt pass adds its part."""
+    import copy
+
+    from nanovppo.distributed import decoder_layers
+    from nanovppo.logprobs import checkpoint_layers
+
+    model, tok = tiny
+    model = copy.deepcopy(model).train()
+    if checkpointed:
+        checkpoint_layers(model, decoder_layers(model))
+    batch = pad_groups(PROMPTS, COMPLETIONS, tok.pad_token_id)
+    weights = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
+    probe = model.model.layers[0].mlp.down_proj.weight
+    accumulations = []
+    probe.register_post_accumulate_grad_hook(lambda p: accumulations.append(1))
+
+    def run(split):
+        model.zero_grad(set_to_none=True)
+        accumulations.clear()
+        logp = group_logprobs(model, batch, 0.7, split_backward=split)
+        (logp * weights[:, :logp.shape[1]]).sum().backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, \
+            len(accumulations)
+
+    logp1, g1, n1 = run(False)
+    logp2, g2, n2 = run(True)
+    assert (n1, n2) == (1, 2)
+    torch.testing.assert_close(logp1, logp2, atol=0, rtol=0)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], atol=1e-6, rtol=1e-5)

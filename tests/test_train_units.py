@@ -69,9 +69,10 @@ def test_an_unknown_attention_kernel_is_a_config_error(tiny):
     assert model.config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("checkpointed", [False, True])
+@pytest.mark.parametrize("checkpointed,split", [(False, False), (True, False), (True, True)])
 def test_one_autocast_region_per_minibatch_gives_the_per_micro_batch_gradients(tiny,
-                                                                               checkpointed):
+                                                                               checkpointed,
+                                                                               split):
     """The update keeps one autocast region over a minibatch's micro-batches, so the bf16
     casts of the fp32 weights are reused: backward passes through the same cast twice
     (with checkpointed layers, recomputes hit the cache too). Gradients must equal those
@@ -88,7 +89,7 @@ def test_one_autocast_region_per_minibatch_gives_the_per_micro_batch_gradients(t
     model = copy.deepcopy(model).train()
     if checkpointed:
         checkpoint_layers(model, decoder_layers(model))
-    module = GroupLogprobs(model)
+    module = GroupLogprobs(model, split_backward=split)
     cfg = compose_cfg(["model=tiny-random"])
     batches = [pad_groups([[5, 6, 7]], [[[8, 9], [10]]], tok.pad_token_id),
                pad_groups([[11, 12]], [[[13, 14, 15], [16, 17]]], tok.pad_token_id)]
