@@ -282,12 +282,12 @@ def _head_logprobs(model, hidden, targets, cmask, temperature, chunk_rows, with_
                                         float(temperature), with_entropy)
         logps.append(logp)
         ents.append(ent)
-    logp = torch.zeros(cmask.shape, dtype=torch.float32, device=cmask.device)
-    logp = logp.masked_scatter(real, torch.cat(logps))                       # [B, C]
-    if with_entropy:
-        ent = torch.zeros(cmask.shape, dtype=torch.float32, device=cmask.device)
-        return logp, ent.masked_scatter(real, torch.cat(ents))
-    return logp
+
+    def padded(parts):  # [n] -> [B, C], 0 at padded positions
+        zeros = torch.zeros(cmask.shape, dtype=torch.float32, device=cmask.device)
+        return zeros.masked_scatter(real, torch.cat(parts))
+
+    return (padded(logps), padded(ents)) if with_entropy else padded(logps)
 
 
 class GroupLogprobs(torch.nn.Module):

@@ -72,12 +72,19 @@ def examples_for_step(n_examples: int, per_step: int, seed: int, step: int) -> l
     return out
 
 
+def _autocast_device(cfg) -> str:
+    return "cuda" if str(cfg.hardware.device).startswith("cuda") else "cpu"
+
+
 def autocast_ctx(cfg):
-    device = "cuda" if str(cfg.hardware.device).startswith("cuda") else "cpu"
     dtype = to_dtype(cfg.hardware.compute_dtype)
     if dtype == to_dtype(cfg.hardware.param_dtype):
-        return torch.autocast(device, enabled=False)
-    return torch.autocast(device, dtype=dtype)
+        return _no_autocast(cfg)
+    return torch.autocast(_autocast_device(cfg), dtype=dtype)
+
+
+def _no_autocast(cfg):
+    return torch.autocast(_autocast_device(cfg), enabled=False)
 
 
 # ----------------------------------------------------------------------------------------
@@ -92,11 +99,6 @@ def _minibatch_autocast(model, cfg):
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         return contextlib.nullcontext()
     return autocast_ctx(cfg)
-
-
-def _no_autocast(cfg):
-    device = "cuda" if str(cfg.hardware.device).startswith("cuda") else "cpu"
-    return torch.autocast(device, enabled=False)
 
 
 def micro_batches(samples: list[Sample], size: int) -> list[list[Sample]]:
