@@ -37,7 +37,8 @@ from nanovppo import checkpoint as ckpt
 from nanovppo import distributed as dd
 from nanovppo.errors import ConfigError, NanovppoError
 from nanovppo.engines.base import Sampling
-from nanovppo.logprobs import GroupLogprobs, checkpoint_layers, pad_groups
+from nanovppo.logprobs import (GroupLogprobs, checkpoint_layers, pad_groups, reuse_head_cast,
+                               sparse_tied_embedding_grads)
 from nanovppo.memory import keep_freed_memory, release_free_memory
 from nanovppo.rollout import RolloutSource, Sample
 from nanovppo.models import load_model, to_dtype
@@ -95,10 +96,13 @@ def _minibatch_autocast(model, cfg):
     """An autocast region around a minibatch's micro-batches. Autocast keeps the casts of
     leaf weights until its outermost region ends, so the fp32 weights are cast to bf16 once
     per minibatch instead of once per micro-batch (and again in checkpointed recomputes).
-    Not under FSDP2, whose gathered weights are freed and refilled between forwards."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        return contextlib.nullcontext()
-    return autocast_ctx(cfg)
+    The output head's cast is kept the same way (``reuse_head_cast``). Not under FSDP2,
+    whose gathered weights are freed and refilled between forwards."""
+    stack = contextlib.ExitStack()
+    if not hasattr(model, "set_requires_gradient_sync"):  # not FSDP2
+        stack.enter_context(autocast_ctx(cfg))
+        stack.enter_context(reuse_head_cast())
+    return stack
 
 
 def micro_batches(samples: list[Sample], size: int) -> list[list[Sample]]:
@@ -255,7 +259,9 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
                 for i, mb in enumerate(batches):
                     with _grad_sync(model, i == len(batches) - 1):
                         t0 = time.perf_counter()
-                        (logp, ent), batch = _logprobs(model, mb, pad_id, cfg, with_entropy=True)
+                        # Entropy is reported for the first pass over the samples only.
+                        out, batch = _logprobs(model, mb, pad_id, cfg, with_entropy=epoch == 0)
+                        logp, ent = out if epoch == 0 else (out, None)
                         mask = masks[i]
                         if not mb:
                             with _no_autocast(cfg):
@@ -416,7 +422,10 @@ def _train(cfg: DictConfig, run_dir, d: dd.Dist) -> dict:
     engine = instantiate(cfg.inference_backend, model=policy, tokenizer=tokenizer,
                          seed=cfg.seed + 1009 * engine_group, _convert_="partial", **extra)
     engine.progress = cfg.trainer.progress and d.main
-    # One process: the update's backward in two phases (lower peak; see _PromptBoundary).
+    # One process: the update's backward in two phases (lower peak; see _PromptBoundary),
+    # and a tied embedding's gradient sparse (no [vocab, hidden] zero-fill per pass).
+    if not d.on:
+        sparse_tied_embedding_grads(policy)
     model = dd.wrap(GroupLogprobs(policy, split_backward=not d.on), strategy, d, device)
     optimizer = adamw(model.parameters(), lr=algo.lr, betas=tuple(cfg.trainer.adam_betas),
                       weight_decay=cfg.trainer.weight_decay, seed=cfg.seed)

@@ -172,3 +172,90 @@ def test_split_backward_gives_the_same_gradients_accumulated_earlier(tiny, check
     assert g1.keys() == g2.keys()
     for name in g1:
         torch.testing.assert_close(g2[name], g1[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_sparse_tied_embedding_gradients_equal_dense_ones(tiny, split):
+    """With the tied embedding's gradient sparse (one process), two accumulated
+    micro-batches give the dense run's gradients, and ``.grad`` stays dense, also when
+    the embedding's sparse gradient is the first the weight receives."""
+    import copy
+
+    from nanovppo.logprobs import sparse_tied_embedding_grads
+
+    model, tok = tiny
+    dense, sparse = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    assert sparse_tied_embedding_grads(sparse)
+    assert not sparse_tied_embedding_grads(sparse)  # once only
+    batches = [pad_groups(PROMPTS, COMPLETIONS, tok.pad_token_id),
+               pad_groups([[40, 41, 42]], [[[43], [44, 45]]], tok.pad_token_id)]
+
+    def grads(m):
+        for b in batches:
+            logp = group_logprobs(m, b, 0.7, split_backward=split)
+            (logp * torch.arange(logp.numel()).view_as(logp)).sum().backward()
+        return {n: p.grad for n, p in m.named_parameters()}
+
+    want, got = grads(dense), grads(sparse)
+    weight = sparse.get_input_embeddings().weight
+    assert weight.grad.layout == torch.strided
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5)
+    sparse.zero_grad(set_to_none=True)
+    sparse.get_input_embeddings()(torch.tensor([[3, 4, 3]])).sum().backward()
+    assert weight.grad.layout == torch.strided
+    assert weight.grad[3].eq(2).all() and weight.grad[4].eq(1).all()
+    assert weight.grad.abs().sum(-1).nonzero().view(-1).tolist() == [3, 4]
+
+
+def test_sparse_embedding_gradients_need_a_tied_head():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nanovppo.logprobs import sparse_tied_embedding_grads
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    assert not sparse_tied_embedding_grads(model)
+    assert not model.get_input_embeddings().sparse
+
+
+def test_the_head_cast_is_reused_until_the_weight_changes(tiny):
+    """Inside ``reuse_head_cast`` the head's bf16 cast is made once, forward and backward;
+    a new region after an optimizer step casts the new weight, and an in-place change that
+    bumps the version counter casts again inside a region."""
+    import copy
+
+    from nanovppo.logprobs import _HEAD_CAST, reuse_head_cast
+    from nanovppo.optim import adamw
+
+    model, tok = tiny
+    model = copy.deepcopy(model).train()
+    batch = pad_groups(PROMPTS, COMPLETIONS, tok.pad_token_id)
+    optimizer = adamw(model.parameters(), lr=1e-2)
+
+    def logprobs():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return group_logprobs(model, batch, 0.7)
+
+    with reuse_head_cast():
+        before = logprobs()
+        cast = _HEAD_CAST.entry[3]
+        (before * torch.arange(before.numel()).view_as(before)).sum().backward()
+        assert _HEAD_CAST.entry[3] is cast  # the backward pass reused it
+    assert _HEAD_CAST.entry is None
+    optimizer.step()
+    with reuse_head_cast():
+        after = logprobs()
+        assert _HEAD_CAST.entry[3] is not cast
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(1.5)
+        scaled = logprobs()
+    with torch.no_grad():
+        fresh_scaled = logprobs()
+        model.get_output_embeddings().weight.div_(1.5)
+        fresh_after = logprobs()
+    torch.testing.assert_close(after.detach(), fresh_after, atol=0, rtol=0)
+    torch.testing.assert_close(scaled.detach(), fresh_scaled, atol=0, rtol=0)
+    assert not torch.equal(after.detach(), before.detach())
