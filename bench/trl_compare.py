@@ -14,7 +14,7 @@ Each (framework, dtype, length) runs in its own process, nanovppo and TRL altern
 peak RSS is that process's own. Reported per run: median over steps 2..N of the step
 time and its phases (generation, log-prob + loss forward, backward, optimizer, weight
 sync), peak RSS, generated tokens/s, and each phase's FLOP/s as a share of this
-machine's measured matmul FLOP/s in that dtype. Forward FLOPs = 2 x (the decoder's matmul
+machine's matmul FLOP/s in that dtype, measured in the same process after its steps. Forward FLOPs = 2 x (the decoder's matmul
 parameters x the tokens it ran + the output head's parameters x the positions it scored),
 forward + backward 3x that; attention's own FLOPs and recomputation are left out.
 nanovppo's head scores the real completion tokens; TRL's fused head, on a CPU, scores
@@ -219,7 +219,8 @@ def summarise(result: dict, dtype: str, peak: dict, params: tuple[int, int]) -> 
                                "weight_sync")}
     out["peak_rss_gb"] = result["peak_rss_gb"]
     out["tok_s"] = med("gen_tokens") / max(out["generation"], 1e-9)
-    (decoder, head), limit = params, peak[dtype]
+    (decoder, head), limit = params, result.get("matmul_flops") or peak[dtype]
+    out["limit_gflops"] = limit / 1e9
     fwd_flops = 2 * (decoder * med("update_tokens") + head * med("head_tokens"))
     out["fwd_share"] = fwd_flops / max(out["forward"], 1e-9) / limit
     out["bwd_share"] = 2 * fwd_flops / max(out["backward"], 1e-9) / limit
@@ -233,6 +234,10 @@ def worker_main(framework: str, dtype: str, new_tokens: int, steps: int) -> None
         result = run_trl(dtype, new_tokens, steps)
     else:
         result = run_nanovppo(dtype, new_tokens, steps, framework)
+    # The limit as this process sees it, right after its steps: this machine's speed drifts
+    # by 10-20% over minutes (generation, whose code did not change, too), and a phase's
+    # share should not count that drift.
+    result["matmul_flops"] = matmul_flops(torch.bfloat16 if dtype == "bf16" else torch.float32)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -283,12 +288,13 @@ def main() -> None:
 
     cols = ["step", "generation", "forward", "backward", "optimizer", "weight_sync"]
     print("\n| run | step s | gen s | fwd s | bwd s | opt s | sync s | peak RSS GB | gen tok/s"
-          " | fwd % peak | bwd % peak |")
-    print("|---" * 11 + "|")
+          " | matmul GFLOP/s | fwd % peak | bwd % peak | update % peak |")
+    print("|---" * 13 + "|")
     for (fw, dtype, tokens), r in rows.items():
         print(f"| {fw} {dtype} {tokens} | " + " | ".join(f"{r[c]:.2f}" for c in cols)
-              + f" | {r['peak_rss_gb']:.2f} | {r['tok_s']:.0f} | {100 * r['fwd_share']:.0f}%"
-              f" | {100 * r['bwd_share']:.0f}% |")
+              + f" | {r['peak_rss_gb']:.2f} | {r['tok_s']:.0f} | {r['limit_gflops']:.0f}"
+              f" | {100 * r['fwd_share']:.0f}% | {100 * r['bwd_share']:.0f}%"
+              f" | {100 * r['update_share']:.0f}% |")
     print("\n| workload | nanovppo setting | step / TRL's | generation | update (fwd+bwd+opt)"
           " | peak RSS |")
     print("|---|---|---|---|---|---|")
