@@ -14,9 +14,10 @@ Each (framework, dtype, length) runs in its own process, nanovppo and TRL altern
 peak RSS is that process's own. Reported per run: median over steps 2..N of the step
 time and its phases (generation, log-prob + loss forward, backward, optimizer, weight
 sync), peak RSS, generated tokens/s, and each phase's FLOP/s as a share of this
-machine's matmul FLOP/s in that dtype, measured in the same process after its steps. Forward FLOPs = 2 x (the decoder's matmul
-parameters x the tokens it ran + the output head's parameters x the positions it scored),
-forward + backward 3x that; attention's own FLOPs and recomputation are left out.
+machine's matmul FLOP/s in that dtype, measured in the same process after its steps.
+Forward FLOPs = 2 x (the decoder's matmul parameters x the tokens it ran + the output
+head's parameters x the positions it scored), forward + backward 3x that; attention's own
+FLOPs and recomputation are left out.
 nanovppo's head scores the real completion tokens; TRL's fused head, on a CPU, scores
 every position of the sequence.
 nanovppo runs in several settings (``VARIANTS`` below); the second table gives each one's

@@ -310,7 +310,7 @@ class _HeadLogprobs(torch.autograd.Function):
         grad_weight = None
         with torch.autocast(hidden.device.type, enabled=False):
             for i in range(0, hidden.shape[0], chunk):
-                h, gl = hidden[i:i + chunk], grad_logp[i:i + chunk, None]
+                h, gl = hidden[i:i + chunk].to(dtype), grad_logp[i:i + chunk, None]
                 grad = torch.softmax(_logits(h, w, temperature), -1)
                 grad.mul_(-gl).scatter_add_(-1, targets[i:i + chunk, None], gl)
                 if temperature != 1.0:
@@ -320,9 +320,9 @@ class _HeadLogprobs(torch.autograd.Function):
                     grad_hidden[i:i + chunk] = grad @ w
                 if ctx.needs_input_grad[1]:                                 # [V, H]
                     if grad_weight is None:
-                        grad_weight = grad.T @ h.to(dtype)
+                        grad_weight = grad.T @ h
                     else:
-                        grad_weight.addmm_(grad.T, h.to(dtype))
+                        grad_weight.addmm_(grad.T, h)
             if ctx.needs_input_grad[1]:
                 grad_weight = (torch.zeros_like(weight) if grad_weight is None  # no positions
                                else grad_weight.to(weight.dtype))
