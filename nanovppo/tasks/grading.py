@@ -1,11 +1,25 @@
 """Answer extraction and checking for MATH and GSM8K. Model output is untrusted text.
 
 ``last_boxed`` finds the last ``\\boxed{...}`` with nested braces in one linear scan.
-``MathGrader`` checks an answer against the gold one: a cheap normalised comparison
-first, then math-verify (symbolic equality of fractions, decimals, percentages, sets,
-intervals, tuples, matrices, LaTeX variants) in a worker process with a per-example
-timeout. A timeout kills the worker (a fresh one starts on the next call), so a
-pathological answer costs at most ``timeout`` seconds and leaves nothing behind.
+``MathGrader.equal`` decides whether a boxed answer equals the gold one, in three stages:
+
+1. **Reject outright** what cannot be an answer: an empty or whitespace box, one whose
+   content is only spacing or empty ``\\text{}`` (``\\boxed{\\text{ }}``), unbalanced braces,
+   more than ``MAX_ANSWER_CHARS`` characters.
+2. **A fast path** for the common cases, which may only say "equal" where math-verify says
+   so too (a test checks it on every pair of ``tests/fixtures/math_answers.tsv``): the same
+   text up to spacing, ``\\left``/``\\right`` and ``\\dfrac``; or two plain numbers of equal
+   value (thousands separators only in groups of three, units only after a value). Two
+   different plain numbers are unequal without asking further.
+3. **math-verify** (symbolic equality of fractions, decimals, sets, intervals, tuples,
+   matrices, LaTeX variants) in a worker process with a per-answer timeout. A timeout kills
+   the worker (a fresh one starts on the next call), so a pathological answer costs at most
+   ``timeout`` seconds and leaves nothing behind.
+
+So the grader never accepts a pair that math-verify rejects. math-verify's own choices
+therefore hold here: ``50\\%`` and ``50`` differ, a list ``3, 5`` is a set (never the
+number 35), ``\\text{odd}`` and ``\\text{even}`` differ, a mixed number ``2\\frac{1}{4}`` is
+9/4.
 """
 
 from __future__ import annotations
@@ -36,7 +50,7 @@ def last_boxed(text: str) -> str | None:
     i = text.find("{", start)
     if i < 0 or text[start:i].strip("\\boxedfbx ") != "":
         # "\boxed 5" form: the token after a space
-        m = re.match(r"\\(?:boxed|fbox) +([^\s$]+)", text[start:])
+        m = re.match(r"\\(?:boxed|fbox) +([^\s${}]+)", text[start:])
         return m.group(1) if m else None
     depth = 0
     for j in range(i, len(text)):
@@ -50,39 +64,90 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-_UNITS = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{\s*[a-zA-Z ]*\}")  # "5\text{ cm}"
+# Wrappers whose content is the answer: \text{odd} is "odd".
+_WRAPPERS = re.compile(r"\\(?:text|textbf|textit|textrm|mbox|mathrm|mathbf)\s*")
+# Spacing: \, \; \: \! \quad \qquad "\ " and ~.
+_SPACING = re.compile(r"\\[,;:! ]|\\q?quad\b|~")
+# A unit after a value: "5\text{ cm}", "12 \mbox{inches}", "5\text{ cm}^2".
+_UNIT = re.compile(r"\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z ]*\}(\^\{?\d\}?)?$")
+# A plain number: digits with thousands separators only in groups of three, a decimal
+# part, or a fraction a/b.
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
+
+
+def has_content(answer: str) -> bool:
+    """Whether a boxed answer says anything: not empty, not only spacing, braces and
+    empty ``\\text{}`` wrappers."""
+    s = _SPACING.sub("", _WRAPPERS.sub("", answer))
+    return bool(re.sub(r"[{}\s]", "", s))
+
+
+def balanced(answer: str) -> bool:
+    """Braces (other than escaped ``\\{ \\}``) open and close in order."""
+    depth = 0
+    for ch in re.sub(r"\\[{}]", "", answer):
+        depth += (ch == "{") - (ch == "}")
+        if depth < 0:
+            return False
+    return depth == 0
 
 
 def normalize(answer: str) -> str:
-    """A light canonical form for a fast string comparison (math-verify does the rest).
+    """The canonical form the fast path compares: spacing, ``\\left``/``\\right``,
+    ``\\dfrac``/``\\tfrac``, a dollar sign, degrees and a unit after a value dropped; a
+    plain number written without thousands separators or trailing zeros.
 
-    As in the MATH paper's own checker, a percent sign is dropped: "50\\%" matches "50".
+    Nothing here turns two answers that math-verify tells apart into one form (tested).
     """
-    s = answer.strip()
-    s = _UNITS.sub("", s)
-    for a, b in [("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""),
-                 ("\\ ", ""), ("dfrac", "frac"), ("tfrac", "frac"), ("^\\circ", ""),
-                 ("^{\\circ}", ""), ("\\$", ""), ("$", ""), ("\\%", ""), ("%", "")]:
+    s = _SPACING.sub("", answer.strip())
+    for a, b in [("\\left", ""), ("\\right", ""), ("\\displaystyle", ""), ("dfrac", "frac"),
+                 ("tfrac", "frac"), ("^\\circ", ""), ("^{\\circ}", ""), ("\\$", "")]:
         s = s.replace(a, b)
-    s = s.replace(" ", "").rstrip(".")
-    if re.fullmatch(r"-?[\d,]+(\.\d+)?", s):
+    s = re.sub(r"\s+", " ", s).strip()
+    s = re.sub(r"(?<![A-Za-z]) | (?![A-Za-z])", "", s)  # a space only between two letters
+    unit = _UNIT.search(s)
+    if unit and _NUMBER.fullmatch(s[:unit.start()]):  # units only after a value
+        s = s[:unit.start()]
+    if _NUMBER.fullmatch(s):
+        value = _number(s)
+        if value is not None:
+            return _canonical(value)
+    return s
+
+
+def _number(s: str) -> Fraction | None:
+    if len(s) > MAX_NUMBER_DIGITS:
+        return None
+    try:
         s = s.replace(",", "")
-    m = re.fullmatch(r"(-?\d+)\.0+", s)
-    return m.group(1) if m else s
+        return Fraction(s) if "/" in s else Fraction(Decimal(s))
+    except (InvalidOperation, ValueError, ZeroDivisionError):
+        return None
+
+
+def _canonical(value: Fraction) -> str:
+    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
 
 
 def parse_number(text: str) -> Fraction | None:
-    """A plain number (commas, $, % and trailing units allowed) as an exact fraction."""
-    s = text.strip().replace(",", "").replace("$", "").replace("\\", "")
-    m = re.match(r"^-?\d+(\.\d+)?(/\d+)?", s)
-    if not m or len(m.group(0)) > MAX_NUMBER_DIGITS:
-        return None
-    try:
-        if "/" in m.group(0):
-            return Fraction(m.group(0))
-        return Fraction(Decimal(m.group(0)))
-    except (InvalidOperation, ValueError, ZeroDivisionError):
-        return None
+    r"""A GSM8K-style final answer as an exact number, or None unless the text is one number.
+
+    Allowed around the number: a dollar sign, a unit in ``\text{}`` after it
+    (``18\text{ apples}``), a final period; thousands separators in groups of three;
+    ``\frac{a}{b}``. A second number ("5 or 6", "3, 5"), a percent sign, a unit in bare
+    words (which math-verify reads as a product of letters) or anything else gives None.
+
+    >>> parse_number("\\$2,400.")
+    Fraction(2400, 1)
+    >>> parse_number("3, 5") is None
+    True
+    """
+    s = _SPACING.sub(" ", text.strip())
+    s = re.sub(r"\\[dt]?frac\{(-?\d+)\}\{(\d+)\}", r"\1/\2", s)
+    s = s.replace("\\$", "$").strip().rstrip(".").strip()
+    s = re.sub(r"\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z ]*\}$", "", s)  # a unit
+    m = re.fullmatch(r"\$?\s*(" + _NUMBER.pattern + r")", s)
+    return _number(m.group(1)) if m else None
 
 
 def _worker(conn) -> None:  # pragma: no cover - runs in the child process
@@ -94,11 +159,29 @@ def _worker(conn) -> None:  # pragma: no cover - runs in the child process
         if msg is None:
             return
         gold, answer = msg
-        try:
-            ok = bool(verify(parse(f"\\boxed{{{gold}}}"), parse(f"\\boxed{{{answer}}}")))
-        except Exception:  # noqa: BLE001 - any failure to grade is a wrong answer
-            ok = False
-        conn.send(ok)
+        conn.send(math_verify_equal(gold, answer, parse, verify))
+
+
+def math_verify_equal(gold: str, answer: str, parse=None, verify=None) -> bool:
+    """math-verify's verdict on two boxed answers (in this process: for tests and the
+    worker)."""
+    if parse is None:
+        from math_verify import parse, verify
+    try:
+        return bool(verify(parse(f"\\boxed{{{gold}}}"), parse(f"\\boxed{{{answer}}}")))
+    except Exception:  # noqa: BLE001 - any failure to grade is a wrong answer
+        return False
+
+
+def fast_verdict(gold: str, answer: str) -> bool | None:
+    """The fast path's verdict: True or False where it can decide, None to ask math-verify.
+    True only where math-verify agrees (tested on the labelled set)."""
+    ng, na = normalize(gold), normalize(answer)
+    if ng == na:
+        return True
+    if _NUMBER.fullmatch(ng) and _NUMBER.fullmatch(na):  # two plain numbers: exact value
+        return _number(ng) == _number(na)
+    return None
 
 
 class MathGrader:
@@ -130,14 +213,11 @@ class MathGrader:
         self._proc = self._conn = None
 
     def equal(self, gold: str, answer: str) -> bool:
-        if len(answer) > MAX_ANSWER_CHARS:
+        if len(answer) > MAX_ANSWER_CHARS or not has_content(answer) or not balanced(answer):
             return False
-        ng, na = normalize(gold), normalize(answer)
-        if ng == na:
-            return True
-        a, b = _plain_number(ng), _plain_number(na)
-        if a is not None and b is not None:  # two plain numbers: exact comparison decides
-            return a == b
+        verdict = fast_verdict(gold, answer)
+        if verdict is not None:
+            return verdict
         if self._proc is None or not self._proc.is_alive():
             if not self._start():
                 return False
@@ -167,20 +247,20 @@ class MathGrader:
             pass
 
 
-def _plain_number(s: str) -> Fraction | None:
-    """``s`` as a number if it is nothing but one (``-12``, ``0.5``, ``3/4``)."""
-    if len(s) > MAX_NUMBER_DIGITS or not re.fullmatch(r"-?\d+(\.\d+)?(/\d+)?", s):
-        return None
-    return parse_number(s)
-
-
 def gsm8k_final_answer(text: str) -> str | None:
-    """The final number of a GSM8K-style response: the last \\boxed{}, else what follows
+    """The final answer of a GSM8K-style response: the last \\boxed{}, else what follows
     the last ``####``, else the last number in the text."""
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed
     if "####" in text:
         return text[text.rfind("####") + 4:].strip().split("\n")[0]
-    nums = re.findall(r"-?\$?\d[\d,]*(?:\.\d+)?", text[-2000:])
+    nums = re.findall(r"-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?", text[-2000:])
     return nums[-1] if nums else None
+
+
+def gsm8k_correct(response: str, gold: str) -> bool:
+    """Whether a GSM8K response's final answer is the gold number (exactly)."""
+    answer = gsm8k_final_answer(response)
+    value = parse_number(answer) if answer is not None else None
+    return value is not None and value == parse_number(gold)
