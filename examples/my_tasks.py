@@ -9,7 +9,8 @@ from nanovppo.tasks.countdown import CountdownTask
 
 
 class ConciseCountdown(CountdownTask):
-    """Countdown's reward, plus up to ``length_bonus`` for responses under 100 characters."""
+    """Countdown's reward, plus a shaping term of up to ``length_bonus`` for responses under
+    100 characters (logged as train/shaping/concise_mean). Correctness is Countdown's own."""
 
     def __init__(self, length_bonus: float = 0.5, **countdown_options):
         super().__init__(**countdown_options)
@@ -18,4 +19,4 @@ class ConciseCountdown(CountdownTask):
     def reward(self, response: str, example: dict) -> Reward:
         base = super().reward(response, example)
         bonus = self.length_bonus * max(0.0, 1.0 - len(response) / 100)
-        return Reward(base.total + bonus, {**base.parts, "concise": bonus})
+        return Reward(base.correct, {**base.shaping, "concise": bonus})

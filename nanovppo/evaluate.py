@@ -121,9 +121,8 @@ def evaluate_model(cfg: DictConfig) -> dict:
     for i in tqdm(range(0, len(examples), e.batch_prompts), desc="eval", unit="batch",
                   disable=not cfg.trainer.progress):
         ro = source.collect(examples[i:i + e.batch_prompts])
-        answer_part = ro.parts.get("answer", [])
         for g, group in enumerate(ro.groups):
-            correct = [answer_part[g * e.n + j] >= 1.0 for j in range(e.n)]
+            correct = ro.correct[g].tolist()
             finals = [task.final_answer(task.prefill + c.text) for c in group]
             for k in ks:
                 per_k[k].append(pass_at_k(e.n, sum(correct), k))

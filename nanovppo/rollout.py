@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from nanovppo.engines.base import Completion, Sampling
@@ -28,35 +27,42 @@ class Sample:
 
 @dataclass
 class Rollouts:
-    """One batch of prompts, their sampled groups and rewards."""
+    """One batch of prompts, their sampled groups, rewards and correctness."""
 
     examples: list[dict]
     prompts: list[list[int]]
     groups: list[list[Completion]]
-    rewards: torch.Tensor                      # [G, n]
-    parts: dict[str, list[float]] = field(default_factory=dict)  # per completion, flattened
+    rewards: torch.Tensor                      # [G, n] total (shaped) rewards
+    correct: torch.Tensor                      # [G, n] bool: the task's verdict
+    shaping: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [G, n]
 
     def extend(self, other: "Rollouts") -> None:
         self.examples += other.examples
         self.prompts += other.prompts
         self.groups += other.groups
         self.rewards = torch.cat([self.rewards, other.rewards])
-        for k, v in other.parts.items():
-            self.parts.setdefault(k, []).extend(v)
+        self.correct = torch.cat([self.correct, other.correct])
+        self.shaping = {k: torch.cat([v, other.shaping[k]]) for k, v in self.shaping.items()}
 
     def select(self, keep: list[int]) -> "Rollouts":
         """Only the groups whose indices are in ``keep``."""
-        n = self.rewards.shape[1]
-        flat = [g * n + j for g in keep for j in range(n)]
         return Rollouts([self.examples[g] for g in keep], [self.prompts[g] for g in keep],
-                        [self.groups[g] for g in keep], self.rewards[keep],
-                        {k: [v[i] for i in flat] for k, v in self.parts.items()})
+                        [self.groups[g] for g in keep], self.rewards[keep], self.correct[keep],
+                        {k: v[keep] for k, v in self.shaping.items()})
 
-    def part_means(self) -> dict[str, float]:
-        return {k: float(np.mean(v)) for k, v in self.parts.items() if v}
 
-    def part_stds(self) -> dict[str, float]:
-        return {k: float(np.std(v)) for k, v in self.parts.items() if v}
+def score(task, examples: list[dict], prompts: list[list[int]],
+          groups: list[list[Completion]]) -> Rollouts:
+    """Rollouts of sampled ``groups``, each completion scored by the task (prefill included)."""
+    rewards = [[task.reward(task.prefill + c.text, ex) for c in g] for g, ex in zip(groups, examples)]
+    n = len(groups[0]) if groups else 0
+    total = torch.tensor([[r.total for r in row] for row in rewards], dtype=torch.float32)
+    correct = torch.tensor([[r.correct for r in row] for row in rewards], dtype=torch.bool)
+    names = sorted({k for row in rewards for r in row for k in r.shaping})
+    shaping = {k: torch.tensor([[r.shaping.get(k, 0.0) for r in row] for row in rewards],
+                               dtype=torch.float32).reshape(len(groups), n) for k in names}
+    return Rollouts(list(examples), prompts, groups, total.reshape(len(groups), n),
+                    correct.reshape(len(groups), n), shaping)
 
 
 def render_prompt(task, tokenizer, example: dict) -> list[int]:
@@ -77,17 +83,7 @@ class RolloutSource:
     def collect(self, examples: list[dict]) -> Rollouts:
         prompts = [render_prompt(self.task, self.tokenizer, ex) for ex in examples]
         groups = self.engine.generate(prompts, self.sampling)
-        rewards, parts = [], {}
-        for group, example in zip(groups, examples):
-            row = []
-            for c in group:
-                r = self.task.reward(self.task.prefill + c.text, example)
-                row.append(r.total)
-                for k, v in r.parts.items():
-                    parts.setdefault(k, []).append(v)
-            rewards.append(row)
-        return Rollouts(list(examples), prompts, groups,
-                        torch.tensor(rewards, dtype=torch.float32).reshape(len(groups), -1), parts)
+        return score(self.task, examples, prompts, groups)
 
     def more(self, k: int) -> Rollouts | None:
         """Rollouts of ``k`` prompts not yet used this step, or None if there is no source."""

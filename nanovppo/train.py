@@ -122,7 +122,7 @@ def micro_batches(samples: list[Sample], size: int) -> list[list[Sample]]:
     return out
 
 
-def _logprobs(model, mb: list[Sample], pad_id: int, cfg, with_entropy=False):
+def _logprobs(model, mb: list[Sample], pad_id: int, cfg, temperature: float, with_entropy=False):
     """Log-probs [b, C] of a micro-batch (entropy too if asked), each prompt run once.
 
     ``model`` is a ``GroupLogprobs`` module (possibly DDP- or FSDP2-wrapped). An empty
@@ -142,13 +142,13 @@ def _logprobs(model, mb: list[Sample], pad_id: int, cfg, with_entropy=False):
         batch = pad_groups([[pad_id]], [[[pad_id]]], pad_id)
         batch = batch._replace(completion_mask=torch.zeros_like(batch.completion_mask))
     with autocast_ctx(cfg):
-        out = model(batch, cfg.rollout.temperature, cfg.trainer.logprob_chunk_rows, with_entropy)
+        out = model(batch, temperature, cfg.trainer.logprob_chunk_rows, with_entropy)
     return out, batch
 
 
 @torch.no_grad()
-def precompute_logprobs(model, batches, pad_id, cfg) -> list[torch.Tensor]:
-    return [_logprobs(model, mb, pad_id, cfg)[0] for mb in batches]
+def precompute_logprobs(model, batches, pad_id, cfg, temperature) -> list[torch.Tensor]:
+    return [_logprobs(model, mb, pad_id, cfg, temperature)[0] for mb in batches]
 
 
 def _pad_to_busiest(lists: list[list[list[Sample]]], d: dd.Dist) -> list[list[list[Sample]]]:
@@ -158,11 +158,11 @@ def _pad_to_busiest(lists: list[list[list[Sample]]], d: dd.Dist) -> list[list[li
     return [b + [[]] * (int(m) - len(b)) for b, m in zip(lists, most)]
 
 
-def _sample_logprobs(model, samples: list[Sample], pad_id, cfg, d: dd.Dist) -> dict:
+def _sample_logprobs(model, samples: list[Sample], pad_id, cfg, d: dd.Dist, temperature) -> dict:
     """The current policy's log-probs of each sample's completion: {id(sample): [C_s]}."""
     [batches] = _pad_to_busiest([micro_batches(samples, cfg.trainer.micro_batch_size)], d)
     out = {}
-    for mb, logp in zip(batches, precompute_logprobs(model, batches, pad_id, cfg)):
+    for mb, logp in zip(batches, precompute_logprobs(model, batches, pad_id, cfg, temperature)):
         for r, s in enumerate(mb):
             out[id(s)] = logp[r, :len(s.completion_ids)]
     return out
@@ -213,6 +213,7 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
     for the whole job (already reduced over ranks). ``model`` and ``ref`` are
     ``GroupLogprobs`` modules."""
     norm_len = cfg.rollout.max_new_tokens
+    temperature = algo.loss_temperature(cfg.rollout.temperature)
     rng = random.Random(cfg.seed * 1_000_003 + step)  # the same on every rank
     totals = {"loss": 0.0, "clip_tokens": 0.0, "kl_tokens": 0.0, "entropy_tokens": 0.0,
               "tokens": 0.0, "entropy_count": 0.0}
@@ -236,8 +237,8 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
     # PPO's "old" log-probs are those of the policy that sampled, i.e. before this step's
     # first optimizer step: computed once for every sample.
     t0 = time.perf_counter()
-    old = None if reuse_current else _sample_logprobs(model, samples, pad_id, cfg, d)
-    refs = None if ref is None else _sample_logprobs(ref, samples, pad_id, cfg, d)
+    old = None if reuse_current else _sample_logprobs(model, samples, pad_id, cfg, d, temperature)
+    refs = None if ref is None else _sample_logprobs(ref, samples, pad_id, cfg, d, temperature)
     perf["forward_s"] += time.perf_counter() - t0
     bar = tqdm(total=sum(len(b) for epoch in plan for b in epoch), desc="update", unit="mb",
                leave=False, disable=not cfg.trainer.progress or not d.main)
@@ -260,7 +261,8 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
                     with _grad_sync(model, i == len(batches) - 1):
                         t0 = time.perf_counter()
                         # Entropy is reported for the first pass over the samples only.
-                        out, batch = _logprobs(model, mb, pad_id, cfg, with_entropy=epoch == 0)
+                        out, batch = _logprobs(model, mb, pad_id, cfg, temperature,
+                                               with_entropy=epoch == 0)
                         logp, ent = out if epoch == 0 else (out, None)
                         mask = masks[i]
                         if not mb:
@@ -350,24 +352,13 @@ def evaluate(engine, task, tokenizer, cfg, d: dd.Dist = dd.Dist()) -> dict:
     mine = examples[d.rank::d.world]
     greedy = Sampling(n=1, temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
                       stop=task.stop)
-    sums: dict[str, float] = {"reward": 0.0}
+    sums = {"reward": 0.0, "correct": 0.0}
     if mine:
         ro = RolloutSource(task, tokenizer, engine, greedy).collect(mine)
         sums["reward"] = ro.rewards.sum().item()
-        sums.update({k: float(np.sum(v)) for k, v in ro.parts.items()})
-    keys = ["reward", *task_part_names(task)]
-    total = dd.all_reduce_sum([sums.get(k, 0.0) for k in keys], d)
-    means = {k: v / len(examples) for k, v in zip(keys, total)}
-    out = {"eval/reward_mean": means.pop("reward")}
-    out.update({f"eval/{k}_mean": v for k, v in means.items()})
-    out["eval/accuracy"] = means.get("answer", 0.0)
-    return out
-
-
-def task_part_names(task) -> list[str]:
-    """Names of the reward parts of ``task`` (same on every rank), from a sample score."""
-    ex = (task.test_examples or task.train_examples)[0]
-    return sorted(task.reward("", ex).parts)
+        sums["correct"] = ro.correct.float().sum().item()
+    total = dd.all_reduce_sum([sums["reward"], sums["correct"]], d)
+    return {"eval/reward_mean": total[0] / len(examples), "eval/accuracy": total[1] / len(examples)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -553,11 +544,11 @@ def train_step(step, cfg, source: RolloutSource, policy, model, ref, algo, optim
 
     lengths = [len(c.token_ids) for g in ro.groups for c in g]
     truncated = [c.finish_reason == "length" for g in ro.groups for c in g]
-    parts = ro.part_means()
     metrics.update({
         "train/reward_mean": ro.rewards.mean().item(),
         "train/reward_std": ro.rewards.std(unbiased=False).item(),
-        "train/accuracy": parts.get("answer", 0.0),
+        "train/accuracy": ro.correct.float().mean().item(),
+        **collapse_metrics(ro, task),
         "train/response_length": float(np.mean(lengths)),
         "train/truncated_frac": float(np.mean(truncated)),
         "train/lr": optimizer.param_groups[0]["lr"],
@@ -565,18 +556,34 @@ def train_step(step, cfg, source: RolloutSource, policy, model, ref, algo, optim
         "perf/step_s": time.perf_counter() - t_start,
         "perf/gen_tokens_per_s": sum(lengths) / max(rollout_s, 1e-9),
     })
-    metrics.update({f"train/{k}_mean": v for k, v in parts.items()})
-    metrics.update({f"train/{k}_std": v for k, v in ro.part_stds().items()})
+    metrics.update({f"train/shaping/{k}_mean": v.mean().item() for k, v in ro.shaping.items()})
     metrics = dd.reduce_metrics(metrics, d)
     metrics.update(job_wide)
-    table = {"prompt": [], "completion": [], "reward": [], "finish_reason": []}
+    table = {"prompt": [], "completion": [], "reward": [], "correct": [], "finish_reason": []}
     for g, group in enumerate(ro.groups):
         for j, c in enumerate(group):
             table["prompt"].append(task.messages(ro.examples[g])[-1]["content"])
             table["completion"].append(task.prefill + c.text)
             table["reward"].append(ro.rewards[g, j].item())
+            table["correct"].append(bool(ro.correct[g, j]))
             table["finish_reason"].append(c.finish_reason)
     return metrics, table
+
+
+def collapse_metrics(ro, task) -> dict:
+    """How varied each group is: the share of distinct completions and of distinct final
+    answers among a group's samples, averaged over groups. A policy that has collapsed to
+    one output for a prompt scores 1 / group size on both.
+
+    >>> from types import SimpleNamespace as NS
+    >>> ro = NS(groups=[[NS(text="a"), NS(text="a")], [NS(text="a"), NS(text="b")]])
+    >>> collapse_metrics(ro, NS(prefill="", final_answer=lambda t: "x"))
+    {'train/distinct_completions': 0.75, 'train/distinct_answers': 0.5}
+    """
+    texts = [[c.text for c in g] for g in ro.groups]
+    answers = [[task.final_answer(task.prefill + t) for t in g] for g in texts]
+    share = lambda rows: float(np.mean([len(set(r)) / len(r) for r in rows])) if rows else 0.0
+    return {"train/distinct_completions": share(texts), "train/distinct_answers": share(answers)}
 
 
 def _lr_lambda(cfg):
@@ -597,7 +604,7 @@ def _lr_lambda(cfg):
 
 def _step_line(step: int, total: int, m: dict) -> str:
     line = (f"step {step}/{total} | reward {m['train/reward_mean']:.3f} "
-            f"(answer {m.get('train/answer_mean', 0):.2f}, format {m.get('train/format_mean', 0):.2f})"
+            f"acc {m['train/accuracy']:.2f} | distinct {m['train/distinct_completions']:.2f}"
             f" | len {m['train/response_length']:.0f} | rollout {m['perf/rollout_s']:.1f}s "
             + (f"values {m['perf/experience_s']:.1f}s " if m["perf/experience_s"] > 0.5 else "")
             + f"update {m['perf/update_s']:.1f}s | {m['perf/gen_tokens_per_s']:.0f} tok/s")
@@ -712,12 +719,12 @@ def _plot_rewards(tracker: Tracker, run_dir: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key, label in [("train/reward_mean", "train reward"), ("eval/reward_mean", "eval reward"),
-                       ("train/accuracy", "train accuracy")]:
+                       ("train/accuracy", "train accuracy"), ("eval/accuracy", "eval accuracy")]:
         points = sorted(tracker.history(key))
         if points:
             ax.plot(*zip(*points), marker="o" if len(points) < 3 else None, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("reward")
+    ax.set_ylabel("reward / accuracy")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -5,10 +5,9 @@ fixed in advance, so every value and advantage can be worked out on paper.
 """
 
 from nanovppo.engines.base import Completion, Sampling
-from nanovppo.rollout import Rollouts, RolloutSource
+from nanovppo.rollout import RolloutSource, score
 from nanovppo.tasks.base import Reward
 
-import torch
 
 
 class CharTokenizer:
@@ -41,25 +40,32 @@ class ScriptedEngine:
 
 
 class EndsWithDTask:
-    """reward = 1 if the response ends with "d", + 0.5 if it starts with "a"."""
+    """Correct if the response ends with "d"; shaping "a" pays 0.5 if it starts with "a".
+    So the total reward is 1 + 0.5 for "ad", 1 for "bd", 0.5 for "ax", 0 for "zz"."""
 
     prefill = ""
     stop = ()
 
     def reward(self, response, example):
-        total = float(response.endswith("d")) + 0.5 * float(response.startswith("a"))
-        return Reward(total, {"answer": total})
+        return Reward(response.endswith("d"), {"a": 0.5 * float(response.startswith("a"))})
 
     def final_answer(self, response):
         return response[-1:] or None
 
+    def solution_key(self, response):
+        return response
+
 
 def rollouts(prompt, completions, task=EndsWithDTask()):
-    """A Rollouts of one prompt (text) and its completions (texts)."""
-    group = [Completion(ids(c), c, "length" if c.endswith("~") else "stop", None, ids(prompt))
-             for c in completions]
-    rewards = torch.tensor([[task.reward(c, {}).total for c in completions]])
-    return Rollouts([{}], [ids(prompt)], [group], rewards, {})
+    """A Rollouts of one prompt (text) and its completions (texts), scored by ``task``."""
+    return batch({prompt: completions}, task)
+
+
+def batch(groups: dict, task=EndsWithDTask()):
+    """A Rollouts of several prompts: ``{prompt text: [completion texts]}``."""
+    made = [[Completion(ids(c), c, "length" if c.endswith("~") else "stop", None, ids(p))
+             for c in cs] for p, cs in groups.items()]
+    return score(task, [{} for _ in groups], [ids(p) for p in groups], made)
 
 
 def source(engine, task=EndsWithDTask(), max_new_tokens=8):

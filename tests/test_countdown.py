@@ -19,55 +19,81 @@ def task():
     return CountdownTask(n_train=20, n_test=5)
 
 
-def test_correct_answer_gets_full_reward(task):
-    r = task.reward("<think>6-2=4, 4*3=12</think>\n<answer>(6 - 2) * 3</answer>", EX)
-    assert r.total == 2.0
-    assert r.parts["answer"] == 1.0 and r.parts["format"] == 1.0
+# The ordering table (also in docs/tasks.md): hand-written responses to 2, 3, 6 -> 12,
+# from best to worst, and their rewards with format 0.1, numbers 0.2, closeness 0.3.
+W = {"format": 0.1, "numbers": 0.2, "closeness": 0.3}
+ORDERING = [
+    # correct: 1 + 0.1 + 0.2 * 3/3 + 0.3 * 1
+    ("correct", "<think>6-2=4, 4*3=12</think> <answer>(6 - 2) * 3</answer>", True, 1.6),
+    # exactly the given numbers, value 11: 0.1 + 0.2 + 0.3 * (1 - 1/12)
+    ("wrong equation, given numbers", "<think>6+2=8, 8+3=11</think> <answer>6 + 2 + 3</answer>",
+     False, 0.1 + 0.2 + 0.3 * 11 / 12),
+    # two of the three numbers (no closeness: not all numbers): 0.1 + 0.2 * 2/3
+    ("partial attempt", "<think>6*2=12</think> <answer>6 * 2</answer>", False, 0.1 + 0.2 * 2 / 3),
+    # the same without a think block: 0.2 * 2/3
+    ("partial attempt, no thinking", "<think></think> <answer>6 * 2</answer>", False, 0.2 * 2 / 3),
+    ("prose in the tags", "<think>I should add them up.</think> <answer>twelve</answer>", False, 0.0),
+    ("a bare number", "<think>it is 12</think> <answer>12</answer>", False, 0.0),
+    ("foreign numbers", "<think>10 + 2 = 12</think> <answer>10 + 2</answer>", False, 0.0),
+    ("a number used twice", "<think>6 * 2 = 12</think> <answer>6 + 6</answer>", False, 0.0),
+    ("empty tags", "<think> </think> <answer> </answer>", False, 0.0),
+    ("the prompt's example", "<think>(a + b) * c</think> <answer>(a + b) * c</answer>", False, 0.0),
+    ("no output", "<think>", False, 0.0),
+]
 
 
-def test_partial_credit_for_each_part_of_the_layout(task):
-    # nothing
-    assert task.reward("I do not know", EX).total == 0.0
-    # only the think block
-    r = task.reward("<think>hmm</think> the answer is 12", EX)
-    assert r.parts["format_think"] == 1.0 and r.total == 0.25
-    # tags with text that is not an equation
-    r = task.reward("<think>hmm</think><answer>twelve</answer>", EX)
-    assert r.total == 0.5 and r.parts["format_equation"] == 0.0
-    # an equation over numbers that were not given: the equation part only
-    r = task.reward("<think>x</think><answer>10 + 1</answer>", EX)
-    assert r.total == 0.75 and r.parts["format_numbers"] == 0.0
-    # a lone number is no equation
-    assert task.reward("<think>x</think><answer>6</answer>", EX).total == 0.5
-    assert task.reward("<think>x</think><answer>-6</answer>", EX).total == 0.5
-    # 2 of the 3 given numbers
-    r = task.reward("<think>x</think><answer>6 * 2</answer>", EX)
-    assert r.parts["format_numbers"] == pytest.approx(2 / 3)
-    assert r.total == pytest.approx(0.75 + 0.25 * 2 / 3)
-    # foreign and repeated numbers dilute the match: {6, 2} of 4 used
-    r = task.reward("<think>x</think><answer>6 * 2 + 6 - 1</answer>", EX)
-    assert r.parts["format_numbers"] == pytest.approx(2 / 4)
-    # the right numbers, the wrong value
-    r = task.reward("<think>x</think><answer>6 + 2 + 3</answer>", EX)
-    assert r.total == 1.0 and r.parts["answer"] == 0.0
+@pytest.mark.parametrize("name,text,correct,total", ORDERING, ids=[r[0] for r in ORDERING])
+def test_the_reward_of_each_kind_of_response_by_hand(name, text, correct, total):
+    r = CountdownTask(shaping=W, n_train=1, n_test=1).reward(text, EX)
+    assert r.correct is correct
+    assert r.total == pytest.approx(total)
+
+
+@pytest.mark.parametrize("weights", [W, {"format": 0.1, "numbers": 0.2, "closeness": 0.0},
+                                     {"format": 0.0, "numbers": 0.05, "closeness": 0.0}])
+def test_the_reward_orders_responses_as_a_grader_would(weights):
+    """correct > a wrong equation over the given numbers > a partial attempt > prose in
+    the tags = empty tags = a copied example = no output, for positive numbers weights."""
+    task = CountdownTask(shaping=weights, n_train=1, n_test=1)
+    totals = {name: task.reward(text, EX).total for name, text, _, _ in ORDERING}
+    assert totals["correct"] > totals["wrong equation, given numbers"] > totals["partial attempt"]
+    assert totals["partial attempt"] > totals["prose in the tags"]
+    nothing = ["prose in the tags", "a bare number", "foreign numbers", "a number used twice",
+               "empty tags", "the prompt's example", "no output"]
+    assert {totals[k] for k in nothing} == {0.0}
+
+
+def test_default_shaping_orders_responses_and_the_prompt_holds_nothing_to_copy():
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_cfg
+
+    task = instantiate(compose_cfg([]).task, n_train=5, n_test=2)
+    totals = [task.reward(text, EX).total for _, text, _, _ in ORDERING[:3]]
+    assert totals[0] > totals[1] > totals[2] > 0
+    # whatever the prompt shows inside <answer> tags earns nothing when copied
+    prompt = task.messages(task.train_examples[0])[-1]["content"]
+    example = prompt[prompt.rindex("<answer>"):prompt.rindex("</answer>") + len("</answer>")]
+    for ex in task.train_examples + task.test_examples:
+        assert task.reward("<think>" + example + "</think> " + example, ex).total == 0.0
 
 
 def test_numbers_must_be_used_exactly_once(task):
-    assert task.reward("<think>x</think><answer>6 * 2</answer>", EX).parts["answer"] == 0.0
-    assert task.reward("<think>x</think><answer>6 * 2 * 3 / 3</answer>", EX).parts["answer"] == 0.0
+    assert not task.reward("<think>x</think><answer>6 * 2</answer>", EX).correct
+    assert not task.reward("<think>x</think><answer>6 * 2 * 3 / 3</answer>", EX).correct
     assert task.reward("<think>x</think><answer>2 * 6 * 3 / 3</answer>",
-                       {"nums": [2, 3, 6, 3], "target": 12}).parts["answer"] == 1.0
+                       {"nums": [2, 3, 6, 3], "target": 12}).correct
 
 
 def test_last_answer_counts(task):
     text = "<think>x</think><answer>1 + 1</answer> no wait <answer>(6 - 2) * 3</answer>"
-    assert task.reward(text, EX).parts["answer"] == 1.0
+    assert task.reward(text, EX).correct
 
 
 def test_exact_rational_arithmetic(task):
     # 6 / (3 / 2) = 4 exactly; floats would also agree here, but 1/3*3 must be exactly 1
     assert task.reward("<think>x</think><answer>6 / (3 / 2)</answer>",
-                       {"nums": [6, 3, 2], "target": 4}).parts["answer"] == 1.0
+                       {"nums": [6, 3, 2], "target": 4}).correct
     assert evaluate("1 / 3 * 3")[0] == Fraction(1)
 
 
@@ -95,9 +121,8 @@ def test_adversarial_outputs_score_no_answer_quickly(task, text):
     t0 = time.perf_counter()
     r = task.reward(text, EX)
     assert time.perf_counter() - t0 < 0.5
-    assert r.parts["answer"] == 0.0
-    assert r.parts["format_numbers"] == 0.0
-    assert 0.0 <= r.total <= 0.75
+    assert not r.correct
+    assert r.total == 0.0  # none of them is an attempt over the given numbers
 
 
 def test_evaluator_rejects_what_is_not_arithmetic():
@@ -157,8 +182,17 @@ def test_uncached_hub_dataset_names_data_files(offline_hub):
         CountdownTask(source="hub", hub_id="Jiayi-Pan/Countdown-Tasks-3to4")
 
 
-def test_format_weights_are_checked():
-    with pytest.raises(ValueError, match="sum to 1"):
-        CountdownTask(n_train=5, n_test=2, format_weights={"think": 0.5})
-    with pytest.raises(ValueError, match="unknown"):
-        CountdownTask(n_train=5, n_test=2, format_weights={"thinking": 1.0})
+def test_shaping_weights_are_checked():
+    with pytest.raises(ValueError, match=">= 0"):
+        CountdownTask(n_train=5, n_test=2, shaping={"format": -0.5})
+    with pytest.raises(ValueError, match="unknown shaping term.*'thinking'"):
+        CountdownTask(n_train=5, n_test=2, shaping={"thinking": 1.0})
+
+
+def test_each_generated_problem_carries_a_solution_and_a_demonstration_that_solves_it():
+    task = CountdownTask(n_train=200, n_test=20, seed=5)
+    for ex in task.train_examples + task.test_examples:
+        demo = task.demonstration(ex)
+        assert task.reward(task.prefill + demo, ex).correct, (ex, demo)
+    rows = CountdownTask(n_train=3, n_test=2).train_examples
+    assert all(task.demonstration({k: r[k] for k in ("nums", "target")}) is None for r in rows)

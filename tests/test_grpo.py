@@ -127,10 +127,27 @@ def test_soft_overlong_penalty_by_hand():
     assert overlong_penalty(lengths, 8, 0, 2.0).tolist() == [0.0] * 4
 
 
+def test_dynamic_sampling_keeps_groups_with_some_but_not_all_correct():
+    """DAPO's rule reads correctness: of an all-correct group ("ad", "bd": totals 1.5, 1.0),
+    a mixed one and an all-wrong one whose shaping still varies ("ax", "zz": 0.5, 0.0),
+    only the mixed group is kept; the old total-reward rule keeps all three."""
+    from tests.fakes import ScriptedEngine, batch, source
+
+    ro = batch({"A:": ["ad", "bd"], "B:": ["ad", "zz"], "C:": ["ax", "zz"]})
+    src = source(ScriptedEngine({}))
+    src.more = lambda k: None  # no refill
+    samples, m = GRPO(dynamic_sampling="correct").make_samples(ro, src)
+    assert {s.prompt_ids[0] for s in samples} == {ord("B")} and m["train/kept_groups"] == 1
+    samples, m = GRPO(dynamic_sampling="reward").make_samples(ro, src)
+    assert m["train/kept_groups"] == 3
+    with pytest.raises(ValueError, match="dynamic_sampling"):
+        GRPO(dynamic_sampling="yes")
+
+
 def test_dynamic_sampling_refills_with_informative_groups():
     from tests.fakes import ScriptedEngine, rollouts, source
 
-    ro = rollouts("P:", ["ad", "ad"])  # one group, no spread: dropped
+    ro = rollouts("P:", ["ad", "ad"])  # one group, all correct: dropped
     src = source(ScriptedEngine({}))
     more_calls = []
 
@@ -139,9 +156,9 @@ def test_dynamic_sampling_refills_with_informative_groups():
         return rollouts("Q:", ["ad", "zz"]) if len(more_calls) == 2 else rollouts("R:", ["zz", "zz"])
 
     src.more = more
-    algo = GRPO(dynamic_sampling=True, max_extra_batches=3)
+    algo = GRPO(dynamic_sampling="correct", max_extra_batches=3)
     samples, m = algo.make_samples(ro, src)
-    assert more_calls == [1, 1]  # the first refill had no spread either
+    assert more_calls == [1, 1]  # the first refill had no correct sample either
     assert m["train/extra_rollout_batches"] == 2 and m["train/kept_groups"] == 1
     assert [s.prompt_ids[0] for s in samples] == [ord("Q")] * 2
     assert samples[0].advantage > 0 > samples[1].advantage

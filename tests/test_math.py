@@ -1,4 +1,5 @@
-"""MATH and GSM8K: answer extraction, grading, loading, and bad input."""
+"""MATH and GSM8K: answer extraction, loading, rewards and bad input (the graders' labelled
+set is in test_grading.py)."""
 
 import time
 from pathlib import Path
@@ -6,51 +7,10 @@ from pathlib import Path
 import pytest
 
 from nanovppo.tasks.base import DatasetUnavailableError
-from nanovppo.tasks.grading import MathGrader, gsm8k_final_answer, last_boxed, normalize
+from nanovppo.tasks.grading import gsm8k_final_answer, last_boxed
 from nanovppo.tasks.math import GSM8KTask, MathTask
 
 FIX = Path(__file__).parent / "fixtures"
-
-# (gold, model's boxed answer, same?) - written for this project
-AGREEMENT = [
-    ("\\frac{1}{2}", "0.5", True),
-    ("\\frac{1}{2}", "\\dfrac12", True),
-    ("\\frac{3}{4}", "0.75", True),
-    ("\\frac{3}{4}", "\\frac{4}{3}", False),
-    ("50\\%", "50", True),
-    ("0.25", "\\frac{1}{4}", True),
-    ("11", "11.0", True),
-    ("1,000", "1000", True),
-    ("\\$5", "5", True),
-    ("5", "5\\text{ cm}", True),
-    ("90^\\circ", "90", True),
-    ("\\{-3, 3\\}", "\\{3, -3\\}", True),
-    ("(1, 5)", "(1,5)", True),
-    ("(1, 5)", "[1, 5]", False),
-    ("(2, 2)", "(2,2)", True),
-    ("\\begin{pmatrix} 2 & 0 \\\\ 0 & 2 \\end{pmatrix}", "\\begin{pmatrix}2&0\\\\0&2\\end{pmatrix}", True),
-    ("\\begin{pmatrix} 2 & 0 \\\\ 0 & 2 \\end{pmatrix}", "\\begin{pmatrix}2&0\\\\0&3\\end{pmatrix}", False),
-    ("x^2 + 1", "1 + x^2", True),
-    ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}", True),
-    ("2\\sqrt{2}", "\\sqrt{8}", True),
-    ("\\text{(C)}", "C", True),
-    ("7", "8", False),
-    ("-2", "2", False),
-    ("\\pi", "3.14", False),
-]
-
-
-@pytest.fixture(scope="module")
-def grader():
-    g = MathGrader(timeout=3.0)
-    yield g
-    g.close()
-
-
-@pytest.mark.parametrize("gold,answer,same", AGREEMENT, ids=[f"{g}|{a}" for g, a, _ in AGREEMENT])
-def test_grading_agreement(grader, gold, answer, same):
-    assert grader.equal(gold, answer) is same
-
 
 def test_last_boxed_handles_nesting_and_bad_input():
     assert last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2^{3}}}") == "\\frac{1}{2^{3}}"
@@ -141,9 +101,3 @@ def test_offline_hub_datasets_name_data_files(offline_hub):
         GSM8KTask()
     with pytest.raises(DatasetUnavailableError, match="task.data_files"):
         MathTask(hub_configs=["algebra"])
-
-
-def test_normalize_by_hand():
-    assert normalize(" \\left( 1,000 \\right) ") == "(1,000)"
-    assert normalize("12.00") == "12"
-    assert normalize("\\dfrac{1}{2}") == "\\frac{1}{2}"

@@ -27,6 +27,26 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 
+# Which groups DAPO's dynamic sampling keeps: "correct" (DAPO's rule: some but not all of
+# a group's samples are correct), "reward" (the group's total rewards are not all equal).
+FILTERS = (None, "correct", "reward")
+
+
+def informative_groups(ro: Rollouts, rule: str) -> list[int]:
+    """Indices of the groups that carry a learning signal under ``rule`` (see FILTERS).
+
+    >>> import torch
+    >>> ro = Rollouts([{}] * 3, [[]] * 3, [[]] * 3, torch.tensor([[1.1, 0.1], [1.1, 1.2], [0.0, 0.2]]),
+    ...               torch.tensor([[True, False], [True, True], [False, False]]))
+    >>> informative_groups(ro, "correct"), informative_groups(ro, "reward")
+    ([0], [0, 1, 2])
+    """
+    if rule == "correct":
+        n = ro.correct.shape[1]
+        solved = ro.correct.sum(dim=1)                                    # [G]
+        return [g for g in range(len(solved)) if 0 < solved[g] < n]
+    return [g for g in range(ro.rewards.shape[0]) if ro.rewards[g].std() > 0]
+
 
 def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
     """GRPO: advantages [G, n] from rewards [G, n] (G groups of n samples of one prompt).
@@ -70,7 +90,7 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: 
     if buffer <= 0 or penalty == 0:
         return torch.zeros_like(lengths, dtype=torch.float32)
     over = (lengths.float() - (max_len - buffer)) / buffer
-    return -penalty * over.clamp(0.0, 1.0)
+    return 0.0 - penalty * over.clamp(0.0, 1.0)  # 0.0, not -0.0, below the buffer
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -126,7 +146,7 @@ class GRPO:
     ppo_epochs: int = 1
     num_minibatches: int = 1
     mask_truncated: bool = False
-    dynamic_sampling: bool = False
+    dynamic_sampling: str | None = None
     max_extra_batches: int = 2
     overlong_buffer: int = 0
     overlong_penalty: float = 0.0
@@ -136,10 +156,18 @@ class GRPO:
             raise ConfigError(f"algo.loss_agg={self.loss_agg!r}; use one of {AGGREGATIONS}")
         if self.estimator not in ESTIMATORS:
             raise ConfigError(f"algo.estimator={self.estimator!r}; use one of {ESTIMATORS}")
+        if self.dynamic_sampling not in FILTERS:
+            raise ConfigError(f"algo.dynamic_sampling={self.dynamic_sampling!r}; use one of "
+                              f"{FILTERS} (null: off)")
         if self.group_size < 2:
             raise ConfigError("algo.group_size must be at least 2: GRPO compares samples of a prompt")
         if min(self.clip_low, self.clip_high) <= 0:
             raise ConfigError("algo.clip_low and algo.clip_high must be positive")
+
+    def loss_temperature(self, sampling_temperature: float) -> float:
+        """PPO's ratio compares the policy with the distribution that sampled: the log-probs
+        are taken at the sampling temperature."""
+        return sampling_temperature
 
     # -- experience -----------------------------------------------------------------------
 
@@ -170,10 +198,11 @@ class GRPO:
         return samples, metrics
 
     def _dynamic_sampling(self, ro: Rollouts, source) -> tuple[Rollouts, dict]:
-        """DAPO: drop groups whose rewards are all equal (no signal) and refill the batch
-        with fresh prompts, at most ``max_extra_batches`` extra batches per step."""
+        """DAPO: drop the groups without signal (all correct or all wrong; or, with the
+        ``reward`` rule, all rewards equal) and refill the batch with fresh prompts, at
+        most ``max_extra_batches`` extra batches per step."""
         wanted = len(ro.groups)
-        useful = lambda r: [g for g in range(r.rewards.shape[0]) if r.rewards[g].std() > 0]
+        useful = lambda r: informative_groups(r, self.dynamic_sampling)
         kept = ro.select(useful(ro))
         extra = 0
         while len(kept.groups) < wanted and extra < self.max_extra_batches:

@@ -8,17 +8,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from nanovppo.errors import NanovppoError
+from nanovppo.errors import ConfigError, NanovppoError
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Reward:
-    """A verifiable reward: ``total`` and the named parts it is the sum of."""
+    """A verifiable reward: whether the response solves the problem, and the shaping
+    terms that training adds to it.
 
-    total: float
-    parts: dict[str, float] = field(default_factory=dict)
+    ``correct`` is the task's own verdict, the one signal that accuracy, pass@k, maj@k and
+    the filters of RFT and DAPO read. ``shaping`` holds named extra terms (partial credit
+    for layout or progress), each logged as ``train/shaping/<name>_mean``; ``total``, what
+    training optimises, is 1 for a correct response plus the shaping terms.
+    """
+
+    correct: bool
+    shaping: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return float(self.correct) + sum(self.shaping.values())
+
+
+def shaping_weights(given: dict | None, names: tuple[str, ...], where: str) -> dict[str, float]:
+    """``given`` checked against the shaping terms ``names`` a task knows; missing ones are 0."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown shaping term(s) {unknown}; the terms are {list(names)}")
+    weights = {k: float(given.get(k, 0.0)) for k in names}
+    if min(weights.values(), default=0.0) < 0:
+        raise ConfigError(f"{where}: shaping weights must be >= 0, got {weights}")
+    return weights
 
 
 class DatasetUnavailableError(NanovppoError):
@@ -50,8 +73,14 @@ class Task:
         raise NotImplementedError
 
     def final_answer(self, response: str) -> str | None:
-        """The response's final answer, normalised for comparison (None if it has none)."""
+        """The response's final answer, normalised for comparison (None if it has none):
+        maj@k votes on it and the collapse metrics count distinct ones."""
         return None
+
+    def solution_key(self, response: str) -> str:
+        """What makes two solutions the same for RFT's ``dedup: solution``: by default the
+        response with its whitespace collapsed and lower-cased."""
+        return " ".join(response.lower().split())
 
 
 def load_records(hub_id: str | None, data_files: str | Sequence[str] | None,

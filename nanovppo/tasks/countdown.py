@@ -1,16 +1,27 @@
 """Countdown: reach a target from a few numbers with + - * /, each number used once.
 
-Reward = ``answer`` (1 when the last ``<answer>`` holds an equation that uses each given
-number exactly once and equals the target) + ``format`` (in [0, 1]: partial credit for
-each part of the ``<think> ... </think> <answer> ... </answer>`` layout, weighted as the
-task config says). Partial credit matters: a small model rarely produces the whole layout,
-and a reward that is always 0 gives GRPO nothing to learn from.
+A response is *correct* when the equation in its last ``<answer>`` (after the ``</think>``)
+uses each given number exactly once and equals the target. That verdict is the task's
+signal of accuracy. Training adds small *shaping* terms, paid only for an *attempt*: an
+equation with an operator whose numbers all come from the given ones (none foreign, none
+used more often than given). Prose, empty tags, a bare number or a copied example with
+other numbers are no attempt and earn nothing, so the only way up is to work on the
+problem:
 
->>> task = CountdownTask(format_weights={"think": 0.5, "answer_tags": 0.5,
-...                                     "equation": 0.0, "numbers": 0.0})
->>> task.reward("<think>6-2=4, 4*3=12</think> <answer>(6 - 2) * 3</answer>",
-...             {"nums": [2, 3, 6], "target": 12}).total
-2.0
+- ``format``: the think block has content (a weight times 0 or 1);
+- ``numbers``: the share of the given numbers the equation uses;
+- ``closeness``: for an equation over exactly the given numbers, how near its value is to
+  the target, 1 - |value - target| / max(|target|, 1), at least 0.
+
+With positive ``format`` and ``numbers`` weights the reward orders responses as a grader
+should: correct > a wrong equation over exactly the given numbers > an attempt with some
+of them > prose in the tags = empty tags = no output = 0 (tests/test_countdown.py).
+
+>>> task = CountdownTask(shaping={"format": 0.1, "numbers": 0.2}, n_train=1, n_test=1)
+>>> r = task.reward("<think>6-2=4, 4*3=12</think> <answer>(6 - 2) * 3</answer>",
+...                 {"nums": [2, 3, 6], "target": 12})
+>>> r.correct, round(r.total, 6)
+(True, 1.3)
 """
 
 from __future__ import annotations
@@ -18,41 +29,60 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
+from dataclasses import dataclass
 from fractions import Fraction
 
 from nanovppo.errors import ConfigError
 from nanovppo.tasks.arith import InvalidEquation, evaluate
-from nanovppo.tasks.base import Reward, Task, load_records, split_rows
+from nanovppo.tasks.base import Reward, Task, load_records, shaping_weights, split_rows
 
-FORMAT_PARTS = ("think", "answer_tags", "equation", "numbers")
+SHAPING = ("format", "numbers", "closeness")
 
 SYSTEM = ("You are a helpful assistant. You first think about the reasoning process "
           "and then give the answer.")
+# The example in the prompt has letters for numbers: copying it is no attempt (it earns 0).
 USER = ("Using the numbers {nums}, create an equation that equals {target}. You can use "
         "+, -, * and /, and each number exactly once. Think in <think> </think> tags, then "
-        "give the equation in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.")
+        "give the equation in <answer> </answer> tags, for example <answer> (a + b) * c </answer>.")
 
 
 # ----------------------------------------------------------------------------------------
 # Examples
 # ----------------------------------------------------------------------------------------
 
-def _random_target(nums: list[int], rng: random.Random) -> int | None:
-    """Combine ``nums`` in a random order with random operators; None if not a whole number."""
+def _fmt(value: Fraction) -> str:
+    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+
+
+def _random_target(nums: list[int], rng: random.Random) -> tuple[int, str, list[str]] | None:
+    """Combine ``nums`` in a random order with random operators, left to right.
+
+    Returns (target, an equation that reaches it, its steps as "a op b = c"), or None if
+    the value is not a whole number.
+    """
     order = nums[:]
     rng.shuffle(order)
-    value = Fraction(order[0])
+    value, expr, steps = Fraction(order[0]), str(order[0]), []
     for n in order[1:]:
         op = rng.choice("+-*/")
+        inner = f"({expr})" if " " in expr else expr
         if op == "+":
-            value += n
+            new, expr = value + n, f"{expr} + {n}"
+            steps.append(f"{_fmt(value)} + {n} = {_fmt(new)}")
+        elif op == "-" and value >= n:
+            new, expr = value - n, f"{expr} - {n}"
+            steps.append(f"{_fmt(value)} - {n} = {_fmt(new)}")
         elif op == "-":
-            value = value - n if value >= n else n - value
+            new, expr = n - value, f"{n} - {inner}"
+            steps.append(f"{n} - {_fmt(value)} = {_fmt(new)}")
         elif op == "*":
-            value *= n
+            new, expr = value * n, f"{inner} * {n}"
+            steps.append(f"{_fmt(value)} * {n} = {_fmt(new)}")
         else:
-            value = value / n
-    return int(value) if value.denominator == 1 else None
+            new, expr = value / n, f"{inner} / {n}"
+            steps.append(f"{_fmt(value)} / {n} = {_fmt(new)}")
+        value = new
+    return (int(value), expr, steps) if value.denominator == 1 else None
 
 
 def split_of(nums: list[int], target: int, test_fraction: float) -> str:
@@ -64,7 +94,12 @@ def split_of(nums: list[int], target: int, test_fraction: float) -> str:
 
 def generate_examples(n_train: int, n_test: int, seed: int, counts=(3, 4), low: int = 1,
                       high: int = 20, max_target: int = 100, test_fraction: float = 0.1):
-    """Reachable Countdown problems, train and test disjoint by construction."""
+    """Reachable Countdown problems, train and test disjoint by construction.
+
+    Each example holds ``nums``, ``target`` and one ``solution`` (an equation that reaches
+    the target, with its ``steps``), from which ``CountdownTask.demonstration`` writes a
+    response to imitate.
+    """
     rng = random.Random(seed)
     splits: dict[str, list[dict]] = {"train": [], "test": []}
     wanted = {"train": n_train, "test": n_test}
@@ -73,19 +108,24 @@ def generate_examples(n_train: int, n_test: int, seed: int, counts=(3, 4), low: 
     while any(len(splits[k]) < wanted[k] for k in splits):
         attempts += 1
         if attempts > 200 * (n_train + n_test) + 10_000:
-            raise RuntimeError("cannot generate enough distinct Countdown problems; "
-                               "widen task.generate.high or task.generate.max_target")
+            raise ConfigError(
+                f"cannot generate {n_train} + {n_test} distinct Countdown problems from "
+                f"{list(counts)} numbers in [{low}, {high}] with targets up to {max_target} "
+                f"(found {len(splits['train'])} + {len(splits['test'])}); widen task.generate "
+                "or lower task.n_train / task.n_test")
         nums = [rng.randint(low, high) for _ in range(rng.choice(list(counts)))]
-        target = _random_target(nums, rng)
-        if target is None or not 1 <= target <= max_target:
+        made = _random_target(nums, rng)
+        if made is None or not 1 <= made[0] <= max_target:
             continue
+        target, solution, steps = made
         key = (tuple(sorted(nums)), target)
         if key in seen:
             continue
         seen.add(key)
         split = split_of(nums, target, test_fraction)
         if len(splits[split]) < wanted[split]:
-            splits[split].append({"nums": nums, "target": target})
+            splits[split].append({"nums": nums, "target": target, "solution": solution,
+                                  "steps": steps})
     return splits["train"], splits["test"]
 
 
@@ -104,37 +144,35 @@ def last_answer(text: str) -> str | None:
     return text[start + len("<answer>"):end]
 
 
-def format_parts(response: str, nums: list[int]) -> tuple[dict[str, float], str | None]:
-    """How much of the layout the response has (each part in [0, 1]), and the answer text.
+@dataclass(frozen=True)
+class Attempt:
+    """What a response tried: its think text, and the equation of its last answer with
+    the equation's value and the numbers it uses (in order)."""
 
-    think: a closed ``<think>...</think>``; answer_tags: ``<answer>...</answer>`` after it;
-    equation: the answer is an equation with at least one operator (a bare number is not);
-    numbers: how well its numbers match the given ones, |used & given| / max(|given|,
-    |used|), so missing and foreign numbers both cost. Each step towards a full answer
-    earns a little more, so GRPO's groups keep a spread of rewards to learn from instead
-    of all settling on one shortcut.
-    """
-    parts = dict.fromkeys(FORMAT_PARTS, 0.0)
+    think: str
+    equation: str
+    value: Fraction
+    used: tuple[int, ...]
+
+
+def parse_attempt(response: str, nums: list[int]) -> Attempt | None:
+    """The response's attempt at the problem, or None if it makes none: no closed
+    ``<answer>`` after the think block, no equation with an operator in it, or a number in
+    it that was not given (or is used more often than given)."""
     think_open = response.find("<think>")
     think_close = response.find("</think>", think_open + 1) if think_open >= 0 else -1
-    if think_close > think_open >= 0:
-        parts["think"] = 1.0
-    tail = response[think_close:] if think_close >= 0 else response
-    answer = last_answer(tail)
+    think = response[think_open + len("<think>"):think_close] if think_close > think_open >= 0 else ""
+    answer = last_answer(response[think_close:] if think_close >= 0 else response)
     if answer is None:
-        return parts, None
-    parts["answer_tags"] = 1.0
-    answer = answer.replace("×", "*").replace("÷", "/")
+        return None
+    equation = answer.replace("×", "*").replace("÷", "/").strip()
     try:
-        _, used = evaluate(answer.strip())
+        value, used = evaluate(equation)
     except InvalidEquation:
-        return parts, answer
-    given, used = Counter(int(n) for n in nums), Counter(used)
-    if sum(used.values()) >= 2:
-        parts["equation"] = 1.0
-        # overlap with the given numbers, diluted by missing and by foreign ones
-        parts["numbers"] = sum((used & given).values()) / max(sum(given.values()), sum(used.values()))
-    return parts, answer
+        return None
+    if len(used) < 2 or Counter(used) - Counter(int(n) for n in nums):
+        return None
+    return Attempt(think, equation, value, tuple(used))
 
 
 class CountdownTask(Task):
@@ -145,17 +183,10 @@ class CountdownTask(Task):
                  data_files=None, generate: dict | None = None, n_train: int = 2000,
                  n_test: int = 64, seed: int = 0, system_prompt: str | None = SYSTEM,
                  user_template: str = USER, prefill: str = "<think>",
-                 format_weights: dict | None = None):
+                 shaping: dict | None = None):
         super().__init__(system_prompt, user_template, prefill)
         self.name = name
-        weights = dict(format_weights or dict.fromkeys(FORMAT_PARTS, 1 / len(FORMAT_PARTS)))
-        unknown = set(weights) - set(FORMAT_PARTS)
-        if unknown:
-            raise ConfigError(f"task.format_weights: unknown part(s) {sorted(unknown)}; "
-                             f"the parts are {list(FORMAT_PARTS)}")
-        if abs(sum(weights.values()) - 1.0) > 1e-6 or min(weights.values()) < 0:
-            raise ConfigError(f"task.format_weights must be >= 0 and sum to 1, got {weights}")
-        self.format_weights = {k: float(weights.get(k, 0.0)) for k in FORMAT_PARTS}
+        self.shaping = shaping_weights(shaping, SHAPING, "task.shaping")
         if source == "generate":
             g = dict(generate or {})
             self.train_examples, self.test_examples = generate_examples(
@@ -177,12 +208,31 @@ class CountdownTask(Task):
         answer = last_answer(response)
         return None if answer is None else "".join(answer.split())
 
+    def solution_key(self, response: str) -> str:
+        """Two correct responses are the same solution when their equations match, spaces
+        aside."""
+        return self.final_answer(response) or ""
+
+    def demonstration(self, example: dict) -> str | None:
+        """A response that solves ``example``, written from the solution the generator
+        recorded (None for problems loaded without one). It continues the prefill."""
+        if "solution" not in example:
+            return None
+        return f"{', '.join(example['steps'])}</think> <answer>{example['solution']}</answer>"
+
     def reward(self, response: str, example: dict) -> Reward:
-        parts, answer = format_parts(response, example["nums"])
-        correct = 0.0
-        if parts["numbers"] == 1.0:
-            value, _ = evaluate(answer.replace("×", "*").replace("÷", "/").strip())
-            correct = float(value == example["target"])
-        fmt = sum(self.format_weights[k] * v for k, v in parts.items())
-        named = {"answer": correct, "format": fmt, **{f"format_{k}": v for k, v in parts.items()}}
-        return Reward(total=correct + fmt, parts=named)
+        nums = example["nums"]
+        attempt = parse_attempt(response, nums)
+        terms = dict.fromkeys(SHAPING, 0.0)
+        if attempt is None:
+            return Reward(False, terms)
+        exact = Counter(attempt.used) == Counter(int(n) for n in nums)
+        target = example["target"]
+        correct = exact and attempt.value == target
+        w = self.shaping
+        terms["format"] = w["format"] * float(bool(attempt.think.strip()))
+        terms["numbers"] = w["numbers"] * len(attempt.used) / len(nums)
+        if exact:
+            miss = abs(attempt.value - target) / max(abs(target), 1)
+            terms["closeness"] = w["closeness"] * float(max(Fraction(0), 1 - miss))
+        return Reward(correct, terms)

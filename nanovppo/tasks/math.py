@@ -12,8 +12,10 @@ import logging
 import random
 
 from nanovppo.errors import ConfigError
-from nanovppo.tasks.base import DatasetUnavailableError, Reward, Task, load_records
-from nanovppo.tasks.grading import MathGrader, gsm8k_final_answer, last_boxed, parse_number
+from nanovppo.tasks.base import (DatasetUnavailableError, Reward, Task, load_records,
+                                 shaping_weights)
+from nanovppo.tasks.grading import (MathGrader, gsm8k_correct, gsm8k_final_answer, has_content,
+                                    last_boxed, parse_number)
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +37,17 @@ class _AnswerTask(Task):
 
     question_field = "problem"
 
-    def __init__(self, name, templates: dict, template: str, prefill: str, format_weight: float,
+    # Shaping terms: ``boxed`` pays for ending with a boxed answer that has content.
+    SHAPING = ("boxed",)
+
+    def __init__(self, name, templates: dict, template: str, prefill: str, shaping: dict | None,
                  seed: int, n_train: int | None, n_test: int | None):
         if template not in templates:
             raise ConfigError(f"task.template={template!r}; choose one of {sorted(templates)}")
         t = templates[template]
         super().__init__(t.get("system"), t["user"], prefill)
         self.name = name
-        self.format_weight = float(format_weight)
+        self.shaping = shaping_weights(shaping, self.SHAPING, "task.shaping")
         self.seed, self.n_train, self.n_test = seed, n_train, n_test
         self.dropped = 0  # examples whose gold answer could not be parsed
 
@@ -63,6 +68,9 @@ class _AnswerTask(Task):
         self.test_examples = test[: self.n_test] if self.n_test else test
         if not self.train_examples:
             raise DatasetUnavailableError(f"{self.name}: no usable training examples")
+
+    def _shaping(self, boxed: str | None) -> dict[str, float]:
+        return {"boxed": self.shaping["boxed"] * float(boxed is not None and has_content(boxed))}
 
     def _keep(self, row: dict) -> bool:
         """Whether a row passes the task's filters (subjects, levels)."""
@@ -105,11 +113,11 @@ class MathTask(_AnswerTask):
                  test_hub_id: str | None = None, test_files=None, subjects=None, levels=None,
                  problem_field: str = "problem", answer_field: str | None = "answer",
                  solution_field: str = "solution", templates: dict | None = None,
-                 template: str = "cot", prefill: str = "", format_weight: float = 0.0,
+                 template: str = "cot", prefill: str = "", shaping: dict | None = None,
                  grading_timeout: float = 5.0, seed: int = 0, n_train: int | None = None,
                  n_test: int | None = 500, test_from_train: int = 500):
         super().__init__(name, templates or {"cot": {"user": "{question}"}}, template, prefill,
-                         format_weight, seed, n_train, n_test)
+                         shaping, seed, n_train, n_test)
         self.grader = MathGrader(timeout=grading_timeout)
         self.problem_field, self.answer_field, self.solution_field = \
             problem_field, answer_field, solution_field
@@ -147,9 +155,8 @@ class MathTask(_AnswerTask):
 
     def reward(self, response: str, example: dict) -> Reward:
         boxed = last_boxed(response)
-        correct = float(boxed is not None and self.grader.equal(example["gold"], boxed))
-        fmt = self.format_weight * float(boxed is not None)
-        return Reward(correct + fmt, {"answer": correct, "format": fmt})
+        correct = boxed is not None and self.grader.equal(example["gold"], boxed)
+        return Reward(correct, self._shaping(boxed))
 
 
 class GSM8KTask(_AnswerTask):
@@ -159,10 +166,10 @@ class GSM8KTask(_AnswerTask):
                  hub_config: str | None = "main", data_files=None, test_files=None,
                  question_field: str = "question", answer_field: str = "answer",
                  templates: dict | None = None, template: str = "cot", prefill: str = "",
-                 format_weight: float = 0.0, seed: int = 0, n_train: int | None = None,
+                 shaping: dict | None = None, seed: int = 0, n_train: int | None = None,
                  n_test: int | None = 500, test_from_train: int = 200):
         super().__init__(name, templates or {"cot": {"user": "{question}"}}, template, prefill,
-                         format_weight, seed, n_train, n_test)
+                         shaping, seed, n_train, n_test)
         self.question_field, self.answer_field = question_field, answer_field
         required = [question_field, answer_field]
         configs = [hub_config] if hub_config else None
@@ -186,8 +193,4 @@ class GSM8KTask(_AnswerTask):
         return None if value is None else str(value)
 
     def reward(self, response: str, example: dict) -> Reward:
-        answer = gsm8k_final_answer(response)
-        value = parse_number(answer) if answer is not None else None
-        correct = float(value is not None and value == parse_number(example["gold"]))
-        fmt = self.format_weight * float(last_boxed(response) is not None)
-        return Reward(correct + fmt, {"answer": correct, "format": fmt})
+        return Reward(gsm8k_correct(response, example["gold"]), self._shaping(last_boxed(response)))

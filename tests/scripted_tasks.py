@@ -1,0 +1,13 @@
+"""Tasks with scripted verdicts, so that runs of the tiny random model (which never solves
+Countdown) still have correct samples to keep (RFT) and groups to filter (DAPO)."""
+
+from nanovppo.tasks import Reward
+from nanovppo.tasks.countdown import CountdownTask
+
+
+class EvenLengthCountdown(CountdownTask):
+    """Countdown's prompts; a response is "correct" when its length in characters is even
+    (about half of the samples), with Countdown's own shaping."""
+
+    def reward(self, response: str, example: dict) -> Reward:
+        return Reward(len(response) % 2 == 0, super().reward(response, example).shaping)
