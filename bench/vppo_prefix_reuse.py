@@ -20,7 +20,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from nanovppo.algos.vppo import VinePPO
 from nanovppo.engines.base import Sampling
 from nanovppo.models import load_model
 from nanovppo.rollout import RolloutSource
@@ -55,8 +54,7 @@ def main() -> None:
                         stop=task.stop)
     source = RolloutSource(task, tok, engine, sampling)
     ro = source.collect(task.train_examples[: args.prompts])
-    algo = VinePPO(mc_rollouts=args.mc, splitter=cfg.algo.splitter, chunk_tokens=cfg.algo.chunk_tokens,
-                   max_steps=args.max_steps)
+    algo = instantiate(cfg.algo, mc_rollouts=args.mc, max_steps=args.max_steps)
     times = {True: [], False: []}
     for _ in range(args.repeats):
         for share in (True, False):
@@ -68,7 +66,7 @@ def main() -> None:
             _, m = algo.make_samples(ro, source)
             times[share].append(time.perf_counter() - t0)
     with_, without = statistics.median(times[True]), statistics.median(times[False])
-    print(f"{args.prompts} prompts x {args.group} responses, {int(m['train/value_requests'])} "
+    print(f"{args.prompts} prompts x {args.group} responses, {int(m['train/states_valued'])} "
           f"states x {args.mc} continuations ({int(m['train/continuations'])} in all)")
     print(f"value estimation, prefix KV reused : {with_:6.1f} s")
     print(f"value estimation, prefilled each   : {without:6.1f} s")

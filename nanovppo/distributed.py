@@ -146,17 +146,12 @@ def reduce_metrics(metrics: dict, d: Dist) -> dict:
     return out
 
 
-def global_mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (population) standard deviation of ``x`` over all ranks' values."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if world == 1:
-        return x.mean(), x.std(unbiased=False)
-    total, squares, n = all_reduce_sum(
-        [x.sum().item(), (x.double() ** 2).sum().item(), float(x.numel())],
-        Dist(rank=dist.get_rank(), world=world))
-    mean = total / n
-    var = max(squares / n - mean ** 2, 0.0)
-    return torch.tensor(mean, dtype=x.dtype), torch.tensor(var ** 0.5, dtype=x.dtype)
+def global_sums(values: list[float]) -> list[float]:
+    """Element-wise sums over all ranks of the process group, if there is one (for the
+    batch statistics that algorithms compute outside the trainer's ``Dist``)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    return all_reduce_sum(values, Dist(rank=dist.get_rank(), world=dist.get_world_size()))
 
 
 def broadcast_object(obj, d: Dist):

@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from nanovppo.config import build
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -102,11 +102,11 @@ def evaluate_model(cfg: DictConfig) -> dict:
     if e.n > 1 and e.temperature == 0:
         raise ConfigError("eval.n > 1 needs eval.temperature > 0 (greedy samples are identical)")
     seed_everything(cfg.seed)
-    task = instantiate(cfg.task)
+    task = build(cfg.task, "task")
     model_cfg = resolve_model(cfg)
     model, tok = load_model(model_cfg, dtype=cfg.hardware.param_dtype)
     model.to(cfg.hardware.device).eval().requires_grad_(False)
-    engine = instantiate(cfg.inference_backend, model=model, tokenizer=tok, seed=cfg.seed,
+    engine = build(cfg.inference_backend, "inference_backend", model=model, tokenizer=tok, seed=cfg.seed,
                          _convert_="partial")
     examples = task.test_examples[: e.examples] if e.examples else task.test_examples
     if not examples:

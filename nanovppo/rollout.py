@@ -14,7 +14,8 @@ class Sample:
     """One completion ready for the update.
 
     ``advantage`` is one number for every token (GRPO, RFT) or one per completion token
-    (VinePPO).
+    (VinePPO, REINFORCE++). ``engine_logprobs`` are the sampled tokens' log-probs as the
+    engine reported them (None if it reports none), for the mismatch correction.
     """
 
     prompt_ids: list[int]
@@ -23,6 +24,7 @@ class Sample:
     reward: float
     truncated: bool
     group: int  # index of the prompt this completion answers
+    engine_logprobs: list[float] | None = None
 
 
 @dataclass
@@ -66,7 +68,12 @@ def score(task, examples: list[dict], prompts: list[list[int]],
 
 
 def render_prompt(task, tokenizer, example: dict) -> list[int]:
-    """Token ids of the chat prompt, ending with the task's assistant prefill."""
+    """Token ids of the prompt, ending with the task's assistant prefill: the chat template
+    over ``task.messages``, or the task's plain text (with the tokenizer's BOS) for a model
+    without one."""
+    raw = task.prompt_text(example)
+    if raw is not None:
+        return tokenizer(raw + task.prefill, add_special_tokens=True).input_ids
     text = tokenizer.apply_chat_template(task.messages(example), tokenize=False,
                                          add_generation_prompt=True) + task.prefill
     return tokenizer(text, add_special_tokens=False).input_ids

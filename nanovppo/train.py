@@ -29,13 +29,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from nanovppo.config import build
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from nanovppo import checkpoint as ckpt
 from nanovppo import distributed as dd
 from nanovppo.errors import ConfigError, NanovppoError
+from nanovppo.algos.losses import mismatch_stats, rollout_correction
+from nanovppo.algos.pg import LossBatch
 from nanovppo.engines.base import Sampling
 from nanovppo.logprobs import (GroupLogprobs, checkpoint_layers, pad_groups, reuse_head_cast,
                                sparse_tied_embedding_grads)
@@ -208,15 +210,18 @@ def _grad_sync(model, on: bool):
 
 
 def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int, step: int,
-           d: dd.Dist = dd.Dist()) -> dict:
+           d: dd.Dist = dd.Dist(), correction: dict | None = None) -> dict:
     """One training step's optimisation over this rank's scored samples; returns metrics
     for the whole job (already reduced over ranks). ``model`` and ``ref`` are
-    ``GroupLogprobs`` modules."""
+    ``GroupLogprobs`` modules; ``correction`` the engine/trainer mismatch correction
+    (``resolve_correction``; None: off)."""
     norm_len = cfg.rollout.max_new_tokens
     temperature = algo.loss_temperature(cfg.rollout.temperature)
     rng = random.Random(cfg.seed * 1_000_003 + step)  # the same on every rank
     totals = {"loss": 0.0, "clip_tokens": 0.0, "kl_tokens": 0.0, "entropy_tokens": 0.0,
-              "tokens": 0.0, "entropy_count": 0.0}
+              "tokens": 0.0, "entropy_count": 0.0, "mismatch_k3_tokens": 0.0,
+              "engine_tokens": 0.0, "corrected_tokens": 0.0}
+    mismatch_max = 0.0
     # Where the update's time goes, and the work of its forward passes (for FLOP/s): the
     # tokens the decoder ran and the positions the output head scored.
     perf = {"forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0, "tokens": 0.0,
@@ -225,8 +230,10 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
     low_memory = bool(cfg.hardware.get("low_memory", False))
     keep_freed_memory(not low_memory)  # the update is where memory peaks
     # With one pass and one minibatch the policy has not moved since sampling, so the
-    # "old" log-probs are the current ones (detached): no extra forward is needed.
-    reuse_current = algo.ppo_epochs == 1 and algo.num_minibatches == 1
+    # "old" log-probs are the current ones (detached): no extra forward is needed, unless
+    # the advantages need them first (REINFORCE++ folds the KL into its returns).
+    kl_in_reward = getattr(algo, "kl_in_reward", False)
+    reuse_current = algo.ppo_epochs == 1 and algo.num_minibatches == 1 and not kl_in_reward
     plan = [[micro_batches(mb, cfg.trainer.micro_batch_size)
              for mb in split_groups(samples, algo.num_minibatches, rng, d)]
             for _ in range(algo.ppo_epochs)]
@@ -240,6 +247,9 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
     old = None if reuse_current else _sample_logprobs(model, samples, pad_id, cfg, d, temperature)
     refs = None if ref is None else _sample_logprobs(ref, samples, pad_id, cfg, d, temperature)
     perf["forward_s"] += time.perf_counter() - t0
+    if kl_in_reward:
+        algo.fold_kl(samples, [old[id(s)] for s in samples],
+                     None if refs is None else [refs[id(s)] for s in samples])
     bar = tqdm(total=sum(len(b) for epoch in plan for b in epoch), desc="update", unit="mb",
                leave=False, disable=not cfg.trainer.progress or not d.main)
     model.train()
@@ -274,9 +284,22 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
                         old_logp = (logp.detach() if old is None
                                     else _stack(mb, old, logp.shape[1]))
                         ref_logp = None if refs is None else _stack(mb, refs, logp.shape[1])
+                        weight = torch.ones_like(mask)
+                        engine_logp = _engine_logprobs(mb, logp.shape[1])
+                        if engine_logp is not None:
+                            if epoch == 0:  # how far the sampler is from the trainer
+                                m = mismatch_stats(old_logp, engine_logp, mask)
+                                totals["mismatch_k3_tokens"] += m["mismatch_k3_tokens"]
+                                totals["engine_tokens"] += mask.sum().item()
+                                mismatch_max = max(mismatch_max, m["mismatch_max_abs"])
+                            if correction:
+                                weight, touched = rollout_correction(old_logp, engine_logp,
+                                                                     mask, **correction)
+                                totals["corrected_tokens"] += touched if epoch == 0 else 0.0
                         with _no_autocast(cfg):  # the loss and backward as before
-                            loss, stats = algo.loss(logp, old_logp, ref_logp,
-                                                    adv, mask, n_tokens, n_seqs, norm_len)
+                            loss, stats = algo.loss(LossBatch(
+                                logp, old_logp, ref_logp, adv, mask, weight, n_tokens,
+                                n_seqs, norm_len))
                             t1 = time.perf_counter()
                             (loss * d.world).backward()
                         if low_memory:  # the micro-batch's activations, now freed
@@ -311,12 +334,18 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
     perf = dict(zip(perf, dd.all_reduce_max(list(perf.values()), d)))  # the slowest rank
     tokens = max(totals["tokens"], 1.0)
     updates = max(1, algo.ppo_epochs * algo.num_minibatches)
-    return {"train/loss": totals["loss"] / updates,
-            "train/clip_frac": totals["clip_tokens"] / tokens,
-            "train/kl": totals["kl_tokens"] / tokens,
-            "train/entropy": totals["entropy_tokens"] / max(totals["entropy_count"], 1.0),
-            "train/grad_norm": float(np.mean(grad_norms)),
-            **{f"perf/update_{k}": v for k, v in perf.items()}}
+    out = {"train/loss": totals["loss"] / updates,
+           "train/clip_frac": totals["clip_tokens"] / tokens,
+           "train/kl": totals["kl_tokens"] / tokens,
+           "train/entropy": totals["entropy_tokens"] / max(totals["entropy_count"], 1.0),
+           "train/grad_norm": float(np.mean(grad_norms)),
+           **{f"perf/update_{k}": v for k, v in perf.items()}}
+    if totals["engine_tokens"]:  # the engine reported log-probs
+        engine_tokens = totals["engine_tokens"]
+        out["train/mismatch_k3"] = totals["mismatch_k3_tokens"] / engine_tokens
+        out["train/mismatch_max_abs"] = dd.all_reduce_max([mismatch_max], d)[0]
+        out["train/mismatch_corrected_frac"] = totals["corrected_tokens"] / engine_tokens
+    return out
 
 
 def _advantages(mb: list[Sample], width: int) -> torch.Tensor:
@@ -328,6 +357,17 @@ def _advantages(mb: list[Sample], width: int) -> torch.Tensor:
         else:
             adv[r, :len(s.advantage)] = torch.tensor(s.advantage, dtype=torch.float32)
     return adv
+
+
+def _engine_logprobs(mb: list[Sample], width: int) -> torch.Tensor | None:
+    """[b, C] the engine's log-probs of the sampled tokens, or None if any sample lacks them."""
+    if not all(s.engine_logprobs is not None and len(s.engine_logprobs) == len(s.completion_ids)
+               for s in mb):
+        return None
+    out = torch.zeros(len(mb), width)
+    for r, s in enumerate(mb):
+        out[r, :len(s.engine_logprobs)] = torch.tensor(s.engine_logprobs, dtype=torch.float32)
+    return out
 
 
 def _train_mask(mb: list[Sample], algo) -> torch.Tensor:
@@ -390,16 +430,16 @@ def _train(cfg: DictConfig, run_dir, d: dd.Dist) -> dict:
     device = dd.device_for(str(cfg.hardware.device), d)
     strategy = str(cfg.hardware.get("strategy", "ddp"))
 
-    task = instantiate(cfg.task)
+    task = build(cfg.task, "task")
     policy, tokenizer = load_model(policy_cfg, dtype=cfg.hardware.param_dtype)
     policy.to(device)
     attention = cfg.hardware.get("attn_implementation")
     _set_attention(policy, attention)
     if cfg.hardware.get("gradient_checkpointing"):
         checkpoint_layers(policy, dd.decoder_layers(policy))
-    algo = instantiate(cfg.algo)
+    algo = build(cfg.algo, "algo")
     ref = None
-    if algo.kl_coef > 0:  # the frozen *initial* policy, also when resuming
+    if algo.uses_reference:  # the frozen *initial* policy, also when resuming
         ref_model, _ = load_model(cfg.model, dtype=cfg.hardware.param_dtype)
         _set_attention(ref_model, attention)
         ref = GroupLogprobs(ref_model.to(device).eval().requires_grad_(False))
@@ -410,9 +450,10 @@ def _train(cfg: DictConfig, run_dir, d: dd.Dist) -> dict:
     # Each engine samples its own stream; the ranks of one tensor-parallel vLLM engine
     # share a seed, as vLLM requires.
     engine_group = d.rank // int(cfg.inference_backend.get("tensor_parallel_size", 1))
-    engine = instantiate(cfg.inference_backend, model=policy, tokenizer=tokenizer,
+    engine = build(cfg.inference_backend, "inference_backend", model=policy, tokenizer=tokenizer,
                          seed=cfg.seed + 1009 * engine_group, _convert_="partial", **extra)
     engine.progress = cfg.trainer.progress and d.main
+    correction = resolve_correction(cfg.rollout.correction, engine)
     # One process: the update's backward in two phases (lower peak; see _PromptBoundary),
     # and a tied embedding's gradient sparse (no [vocab, hidden] zero-fill per pass).
     if not d.on:
@@ -447,7 +488,7 @@ def _train(cfg: DictConfig, run_dir, d: dd.Dist) -> dict:
     try:
         for step in range(start_step + 1, cfg.trainer.max_steps + 1):
             metrics, samples_table = train_step(step, cfg, source, policy, model, ref, algo,
-                                                optimizer, pad_id, d)
+                                                optimizer, pad_id, d, correction)
             scheduler.step()
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 \
                     or step == cfg.trainer.max_steps:
@@ -477,6 +518,19 @@ def _train(cfg: DictConfig, run_dir, d: dd.Dist) -> dict:
     return summary
 
 
+def resolve_correction(node, engine) -> dict | None:
+    """The engine/trainer mismatch correction to apply (``rollout.correction``), as keyword
+    arguments of ``rollout_correction``; None when off. ``auto`` is off for an engine that
+    samples with the trainer's own numerics (``hf``) and ``tis`` for the others."""
+    mode = str(node.mode)
+    if mode == "auto":
+        mode = "off" if getattr(engine, "trainer_numerics", False) else "tis"
+    if mode == "off":
+        return None
+    return {"mode": mode, "level": str(node.level), "cap": float(node.cap),
+            "low": float(node.low), "high": float(node.high)}
+
+
 def _set_attention(model, name: str | None) -> None:
     if not name:
         return
@@ -504,7 +558,7 @@ def _save_checkpoint(run_dir, step, cfg, model, policy, tokenizer, optimizer, sc
 
 
 def train_step(step, cfg, source: RolloutSource, policy, model, ref, algo, optimizer, pad_id,
-               d: dd.Dist = dd.Dist()):
+               d: dd.Dist = dd.Dist(), correction: dict | None = None):
     """Rollout, reward, experience and update for one step on this rank's share of the
     prompts; returns (metrics of the whole job, this rank's samples table)."""
     task, engine = source.task, source.engine
@@ -529,7 +583,7 @@ def train_step(step, cfg, source: RolloutSource, policy, model, ref, algo, optim
     job_wide = {}  # update's metrics, reduced over ranks already
     if dd.all_reduce_sum([float(len(samples))], d)[0] > 0:
         engine.sleep()
-        job_wide = update(model, ref, algo, samples, cfg, optimizer, pad_id, step, d)
+        job_wide = update(model, ref, algo, samples, cfg, optimizer, pad_id, step, d, correction)
         engine.wake_up()
         t1 = time.perf_counter()
         engine.update_weights(policy.named_parameters())
@@ -544,6 +598,7 @@ def train_step(step, cfg, source: RolloutSource, policy, model, ref, algo, optim
 
     lengths = [len(c.token_ids) for g in ro.groups for c in g]
     truncated = [c.finish_reason == "length" for g in ro.groups for c in g]
+    step_s = time.perf_counter() - t_start
     metrics.update({
         "train/reward_mean": ro.rewards.mean().item(),
         "train/reward_std": ro.rewards.std(unbiased=False).item(),
@@ -553,7 +608,9 @@ def train_step(step, cfg, source: RolloutSource, policy, model, ref, algo, optim
         "train/truncated_frac": float(np.mean(truncated)),
         "train/lr": optimizer.param_groups[0]["lr"],
         "perf/rollout_s": rollout_s, "perf/experience_s": experience_s, "perf/update_s": update_s,
-        "perf/step_s": time.perf_counter() - t_start,
+        "perf/step_s": step_s,
+        # the share of the step spent building experience (VinePPO: value estimation)
+        "perf/experience_frac": experience_s / max(step_s, 1e-9),
         "perf/gen_tokens_per_s": sum(lengths) / max(rollout_s, 1e-9),
     })
     metrics.update({f"train/shaping/{k}_mean": v.mean().item() for k, v in ro.shaping.items()})
@@ -588,15 +645,17 @@ def collapse_metrics(ro, task) -> dict:
 
 def _lr_lambda(cfg):
     warmup, total, kind = cfg.trainer.warmup_steps, cfg.trainer.max_steps, cfg.trainer.lr_schedule
-    if kind not in ("constant", "cosine"):
-        raise ConfigError(f"trainer.lr_schedule={kind!r}; use constant or cosine")
+    if kind not in ("constant", "cosine", "linear"):
+        raise ConfigError(f"trainer.lr_schedule={kind!r}; use constant, cosine or linear")
 
-    def factor(done: int) -> float:  # ``done`` optimizer steps taken so far
+    def factor(done: int) -> float:  # ``done`` training steps taken so far
         if warmup and done < warmup:
             return (done + 1) / warmup
+        progress = min(1.0, (done - warmup) / max(1, total - warmup))
         if kind == "cosine":
-            progress = min(1.0, (done - warmup) / max(1, total - warmup))
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        if kind == "linear":
+            return 1.0 - progress
         return 1.0
 
     return factor

@@ -39,3 +39,10 @@ def offline_hub(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+
+
+def make_algo(name: str, **overrides):
+    """The algorithm a user gets from ``algo=<name>`` (its YAML), with keys overridden."""
+    from nanovppo.config import build
+
+    return build(compose_cfg([f"algo={name}"]).algo, "algo", **overrides)

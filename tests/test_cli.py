@@ -173,7 +173,7 @@ def test_other_algorithms_run_two_steps(tmp_path, algo, monkeypatch):
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.params["algo.name"] == algo
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train/reward_mean")] == [1, 2]
-    key = {"vppo": "train/value_requests", "rft": "train/kept_frac",
+    key = {"vppo": "train/states_valued", "rft": "train/kept_frac",
            "dapo": "train/kept_groups"}[algo]
     assert key in run.data.metrics
     if algo == "rft":  # correct samples were kept, so the policy was updated

@@ -98,3 +98,52 @@ def test_experiment_recipes(name, model, algo, task):
         assert cfg.algo.group_size == 4 and cfg.algo.lr == 5e-6
     # a command-line override still wins over the recipe
     assert compose_cfg([f"experiment={name}", "algo.lr=3e-6"]).algo.lr == 3e-6
+
+
+@pytest.mark.parametrize("task,splitter", [("math", "math"), ("gsm8k", "newlines")])
+def test_vineppo_recipes_hold_the_papers_settings(task, splitter):
+    """arXiv 2410.01679 and the official configs: K = 9, T = 0.6, top-p 0.9, lr 1e-6, 2 PPO
+    epochs, 64 prompts x 8 samples in minibatches of 64, 1024 tokens, k3 KL 1e-4 summed
+    per sequence, the SFT model's plain-text prompt."""
+    cfg = compose_cfg([f"experiment=vppo_{task}_rho1b"])
+    a = cfg.algo
+    assert (cfg.model.path, cfg.task.name, a.name) == (f"realtreetune/rho-1b-sft-{task.upper()}", task, "vppo")
+    assert (a.mc_rollouts, a.splitter, a.lr, a.ppo_epochs, a.group_size) == (9, splitter, 1e-6, 2, 8)
+    assert cfg.trainer.prompts_per_step * a.group_size // a.num_minibatches == 64
+    assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens) == (0.6, 0.9, 1024)
+    assert (a.kl_coef, a.kl_estimator, a.kl_agg) == (1e-4, "k3", "seq-mean-token-sum")
+    assert a.whiten_advantages and a.unfinished_penalty == 0.0
+    assert cfg.task.template == "vineppo"
+    fixtures = Path(__file__).parent / "fixtures"
+    built = instantiate(cfg.task, data_files=str(fixtures / f"{task}_train.jsonl"),
+                        test_files=str(fixtures / f"{task}_test.jsonl"))
+    assert built.prompt_text({"question": "Q?"}) == "[MATH_TASK] Problem:\nQ?\n\nSolution:"
+    assert built.stop == ("\n\n\nProblem:",)
+
+
+@pytest.mark.parametrize("group,option", [o for o in OPTIONS if o[0] in ("algo", "task", "inference_backend")],
+                         ids=[f"{g}={o}" for g, o in OPTIONS if g in ("algo", "task", "inference_backend")])
+def test_each_targets_parameters_and_its_yaml_keys_agree(group, option):
+    """Every key of the YAML is a parameter of its _target_, and every parameter without a
+    default is in the YAML (the engines' model, tokenizer and seed come from the trainer)."""
+    from nanovppo.config import check_node, target_parameters
+
+    node = compose_cfg([f"{group}={option}"])[group]
+    extra = ["model", "tokenizer", "seed"] if group == "inference_backend" else []
+    check_node(node, group, extra=extra)
+    names, required, _ = target_parameters(node._target_)
+    if group == "algo":  # algorithms take every knob from the YAML: no defaults in code
+        assert required == names
+
+
+def test_a_key_the_target_does_not_take_is_an_error_naming_it_and_the_closest():
+    from nanovppo.config import build
+    from nanovppo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"algo.mc_rolouts \(did you mean mc_rollouts\?\)"):
+        build(compose_cfg(["algo=vppo", "+algo.mc_rolouts=4"]).algo, "algo")
+    # a GRPO knob under algo=vppo is no silent no-op either
+    with pytest.raises(ConfigError, match=r"VinePPO does not take algo.estimator"):
+        build(compose_cfg(["algo=vppo", "+algo.estimator=rloo"]).algo, "algo")
+    with pytest.raises(ConfigError, match="algo lacks group_size"):
+        build(compose_cfg(["algo=grpo", "~algo.group_size"]).algo, "algo")

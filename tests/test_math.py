@@ -101,3 +101,22 @@ def test_offline_hub_datasets_name_data_files(offline_hub):
         GSM8KTask()
     with pytest.raises(DatasetUnavailableError, match="task.data_files"):
         MathTask(hub_configs=["algebra"])
+
+
+def test_a_plain_text_template_renders_without_the_chat_template(tiny):
+    """VinePPO's SFT models have no chat template: task.template=vineppo gives the plain
+    prompt, with the tokenizer's BOS where it has one, and the official stop string."""
+    from nanovppo.rollout import render_prompt
+
+    _, tok = tiny
+    task = MathTask(hub_id=None, data_files=str(FIX / "math_train.jsonl"),
+                    test_files=str(FIX / "math_test.jsonl"), template="vineppo",
+                    templates={"vineppo": {"raw": "[MATH_TASK] Problem:\n{question}\n\nSolution:",
+                                           "stop": ["\n\n\nProblem:"]}})
+    ex = task.test_examples[0]
+    text = "[MATH_TASK] Problem:\n" + ex["question"] + "\n\nSolution:"
+    assert render_prompt(task, tok, ex) == tok(text, add_special_tokens=True).input_ids
+    assert task.stop == ("\n\n\nProblem:",)
+    with pytest.raises(ValueError, match="either user"):
+        MathTask(hub_id=None, data_files=str(FIX / "math_train.jsonl"), template="x",
+                 templates={"x": {"user": "{question}", "raw": "{question}"}})

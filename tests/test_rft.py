@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
-from nanovppo.algos.rft import RFT, keep_mask
+from tests.conftest import make_algo
+
+from nanovppo.algos.pg import LossBatch
+from nanovppo.algos.rft import keep_mask
 from tests.fakes import ScriptedEngine, batch, rollouts, source
 
 
@@ -23,7 +26,7 @@ def test_keeps_exactly_the_correct_samples_whatever_their_shaped_reward():
     correct. RFT keeps "ad", "bd", "cd" and never "ax" or "zz", whose totals (0.5 and 0)
     the old reward threshold of 0.5 would have let "ax" through."""
     ro = batch({"P:": ["ad", "ax", "bd", "zz"], "Q:": ["cd", "ax", "zz", "zz"]})
-    samples, m = RFT(dedup=None).make_samples(ro, source(ScriptedEngine({})))
+    samples, m = make_algo("rft", dedup=None).make_samples(ro, source(ScriptedEngine({})))
     kept = ["".join(map(chr, s.completion_ids)) for s in samples]
     assert kept == ["ad", "bd", "cd"]
     assert m["train/kept_frac"] == pytest.approx(3 / 8)
@@ -33,31 +36,31 @@ def test_keeps_exactly_the_correct_samples_whatever_their_shaped_reward():
 def test_dedup_by_solution_and_by_answer():
     ro = rollouts("P:", ["ad", "bd", "ad", "zz"])
     # solutions: "ad" twice -> one of them; "bd" is another solution
-    samples, m = RFT(dedup="solution").make_samples(ro, source(ScriptedEngine({})))
+    samples, m = make_algo("rft", dedup="solution").make_samples(ro, source(ScriptedEngine({})))
     assert ["".join(map(chr, s.completion_ids)) for s in samples] == ["ad", "bd"]
     assert m["train/correct_kept_frac"] == pytest.approx(2 / 3)
     # final answers: all three end in "d": one answer, one sample
-    samples, _ = RFT(dedup="answer").make_samples(ro, source(ScriptedEngine({})))
+    samples, _ = make_algo("rft", dedup="answer").make_samples(ro, source(ScriptedEngine({})))
     assert [s.completion_ids for s in samples] == [[ord("a"), ord("d")]]
     with pytest.raises(ValueError, match="dedup"):
-        RFT(dedup="equation")
+        make_algo("rft", dedup="equation")
 
 
 def test_nothing_kept_is_an_empty_list_not_an_error():
-    samples, m = RFT().make_samples(rollouts("P:", ["ax", "zz"]), source(ScriptedEngine({})))
+    samples, m = make_algo("rft").make_samples(rollouts("P:", ["ax", "zz"]), source(ScriptedEngine({})))
     assert samples == [] and m["train/kept_frac"] == 0.0
 
 
 def test_loss_is_token_nll_at_temperature_one_by_hand():
     logp = torch.log(torch.tensor([[0.5, 0.25], [0.125, 1.0]]))
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    loss, _ = RFT().loss(logp, logp, None, None, mask, 3, 2, 2)
+    loss, _ = make_algo("rft").loss(LossBatch(logp, logp, None, None, mask, torch.ones(2, 2), 3, 2, 2))
     # -(log .5 + log .25 + log .125) / 3 = (1 + 2 + 3) log 2 / 3
     assert loss.item() == pytest.approx(2 * math.log(2.0))
     # supervised fine-tuning on the kept samples: temperature 1 whatever the sampling one
-    assert RFT().loss_temperature(0.6) == 1.0
+    assert make_algo("rft").loss_temperature(0.6) == 1.0
 
 
 def test_bad_band_is_refused():
     with pytest.raises(ValueError, match="success_band"):
-        RFT(success_band=[0.9, 0.1])
+        make_algo("rft", success_band=[0.9, 0.1])

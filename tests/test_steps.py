@@ -72,3 +72,20 @@ def test_random_texts_fuzz():
         for method in ("blank_lines", "newlines", "math"):
             spans = split_steps(text, method, max_steps=rng.randint(0, 5), min_chars=rng.randint(1, 9))
             assert "".join(text[a:b] for a, b in spans) == text
+
+
+def test_math_splitter_by_hand():
+    # sentence ends (a capital follows) and newlines cut; a lower-case start does not
+    text = "So x = 3. Then y = 2x + 1 = 7.\nHence the answer is 7. and so on"
+    pieces = [text[a:b] for a, b in split_steps(text, "math", min_chars=1, max_chars=100)]
+    assert pieces == ["So x = 3. ", "Then y = 2x + 1 = 7.\n", "Hence the answer is 7. and so on"]
+    # an 84-character part with max_chars 40 is cut near its middle (42) at ", " (30),
+    # not at " and " (66); the 54-character rest has no cut with 16 characters each side
+    text = "We add the first two numbers, then we multiply the result by three and subtract one."
+    pieces = [text[a:b] for a, b in split_steps(text, "math", min_chars=1, max_chars=40)]
+    assert pieces == ["We add the first two numbers, ",
+                      "then we multiply the result by three and subtract one."]
+    # environments are math too
+    text = "Let\n\\begin{align}\na &= 1\\\\\nb &= 2\n\\end{align}\nso done."
+    spans = split_steps(text, "math", min_chars=1)
+    assert not any(text.index("\\begin") < a < text.index("\\end") for a, _ in spans)

@@ -51,6 +51,10 @@ def test_lr_schedules(tmp_path):
     f = _lr_lambda(cfg)
     assert f(0) == pytest.approx(1.0)  # the single warmup step
     assert f(1) == pytest.approx(1.0) and f(6) == pytest.approx(0.55) and f(11) == pytest.approx(0.1)
+    cfg = compose_cfg(["trainer.max_steps=11", "trainer.warmup_steps=1",
+                       "trainer.lr_schedule=linear"], tmp_path)
+    f = _lr_lambda(cfg)  # after warmup, from 1 down to 0 at max_steps: 1 - (done - 1) / 10
+    assert [f(i) for i in (0, 1, 6, 11)] == [1.0, 1.0, 0.5, 0.0]
     cfg = compose_cfg(["trainer.warmup_steps=4"], tmp_path)
     f = _lr_lambda(cfg)
     assert [f(i) for i in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from nanovppo.algos.vppo import VinePPO, step_advantages, step_token_bounds
+from tests.conftest import make_algo
+
+from nanovppo.algos.vppo import step_advantages, step_token_bounds, token_ends
 from nanovppo.engines.base import Sampling
 from nanovppo.engines.hf import HFEngine
 from tests.fakes import ScriptedEngine, rollouts, source
@@ -16,7 +18,8 @@ def test_values_and_advantages_by_hand():
         "P:": ["xx", "aa"],            # V(prompt)   = mean(0, 0.5)          = 0.25
         "P:ab": ["cd", "zz"],          # V("ab")     = mean(1.5, 0.5)        = 1.0
     })
-    algo = VinePPO(mc_rollouts=2, splitter="tokens", chunk_tokens=2, max_steps=0)
+    algo = make_algo("vppo", mc_rollouts=2, splitter="tokens", chunk_tokens=2, max_steps=0,
+                     whiten_advantages=False)
     ro = rollouts("P:", ["abcd", "xd"])
     samples, metrics = algo.make_samples(ro, source(engine))
     # one engine call; the prompt's state is shared by both responses, so asked once
@@ -30,41 +33,68 @@ def test_values_and_advantages_by_hand():
     assert samples[0].advantage == pytest.approx([0.75, 0.75, 0.5, 0.5])
     # "xd": reward 1.0, a single step: 1.0 - 0.25
     assert samples[1].advantage == pytest.approx([0.75, 0.75])
-    assert metrics["train/value_requests"] == 2
+    assert metrics["train/states_valued"] == 2
     assert metrics["train/continuations"] == 4
+    assert 0 <= metrics["perf/value_sampling_s"] <= metrics["perf/value_estimation_s"]
 
 
 def test_continuations_are_scored_with_their_prefix():
     # If a continuation were scored alone, "d" would miss the +0.5 that the prefix's "a"
     # earns: V("ab") would be 1.0, not 1.5.
     engine = ScriptedEngine({"P:": ["ab", "ab"], "P:ab": ["d", "d"]})
-    algo = VinePPO(mc_rollouts=2, splitter="tokens", chunk_tokens=2, max_steps=0)
+    algo = make_algo("vppo", mc_rollouts=2, splitter="tokens", chunk_tokens=2, max_steps=0,
+                     whiten_advantages=False)
     samples, _ = algo.make_samples(rollouts("P:", ["abd"]), source(engine))
     # V(prompt) = 0.5 ("ab"), V("ab") = 1.5 ("abd"), reward("abd") = 1.5
     assert samples[0].advantage == pytest.approx([1.0, 1.0, 0.0])
 
 
-def test_truncated_continuations_are_penalised():
+def test_unfinished_continuations_and_responses_score_the_penalty():
+    """As the official code does, a continuation (or a response) cut at the token budget
+    scores unfinished_penalty, whatever its text would score."""
     engine = ScriptedEngine({"P:": ["ad~", "ad"]})  # "~" marks a cut continuation
-    algo = VinePPO(mc_rollouts=2, splitter="tokens", chunk_tokens=8, truncated_penalty=0.5)
-    samples, metrics = algo.make_samples(rollouts("P:", ["ad"]), source(engine))
-    # scores: "ad~" -> 0.5 - 0.5 = 0 ; "ad" -> 1.5 ; V = 0.75 ; reward 1.5
-    assert samples[0].advantage == pytest.approx([0.75, 0.75])
-    assert metrics["train/continuation_truncated_frac"] == 0.5
+    algo = make_algo("vppo", mc_rollouts=2, splitter="tokens", chunk_tokens=8,
+                     unfinished_penalty=-0.5, whiten_advantages=False)
+    samples, metrics = algo.make_samples(rollouts("P:", ["ad", "ad~"]), source(engine))
+    # scores: "ad~" -> -0.5 (its text "ad~" ends in "~" anyway), "ad" -> 1.5; V = 0.5
+    # "ad": reward 1.5 -> advantage 1.0 on both tokens; "ad~" (cut): -0.5 - 0.5 = -1.0
+    assert samples[0].advantage == pytest.approx([1.0, 1.0])
+    assert samples[1].advantage == pytest.approx([-1.0, -1.0, -1.0])
+    assert metrics["train/continuation_unfinished_frac"] == 0.5
 
 
-def test_whitening_and_step_helpers():
+def test_whitening_over_the_batch_tokens():
+    engine = ScriptedEngine({"P:": ["xx", "aa"], "P:ab": ["cd", "zz"]})
+    algo = make_algo("vppo", mc_rollouts=2, splitter="tokens", chunk_tokens=2, max_steps=0)
+    assert algo.whiten_advantages  # on by default, as in the official configs
+    samples, _ = algo.make_samples(rollouts("P:", ["abcd", "xd"]), source(engine))
+    # raw: [0.75, 0.75, 0.5, 0.5] and [0.75, 0.75] (test_values_and_advantages_by_hand)
+    raw = torch.tensor([0.75, 0.75, 0.5, 0.5, 0.75, 0.75])
+    want = (raw - raw.mean()) / raw.std()
+    flat = [a for s in samples for a in s.advantage]
+    assert flat == pytest.approx(want.tolist(), rel=1e-4)
+
+
+def test_step_helpers_by_hand():
     assert step_advantages([0.0, 0.5, 2.0]) == [0.5, 1.5]
     # char spans (0,3) (3,5) over tokens ending at 1, 3, 5 -> steps start at tokens 0 and 2
     assert step_token_bounds([(0, 3), (3, 5)], [1, 3, 5]) == [0, 2, 3]
     # a step boundary inside a token moves to the token's end; empty steps vanish
     assert step_token_bounds([(0, 2), (2, 3), (3, 5)], [3, 5]) == [0, 1, 2]
-    engine = ScriptedEngine({"P:": ["xx", "aa"], "P:ab": ["cd", "zz"]})
-    algo = VinePPO(mc_rollouts=2, splitter="tokens", chunk_tokens=2, whiten_advantages=True)
-    samples, _ = algo.make_samples(rollouts("P:", ["abcd", "xd"]), source(engine))
-    flat = torch.tensor([a for s in samples for a in s.advantage])
-    assert flat.mean().item() == pytest.approx(0.0, abs=1e-6)
-    assert flat.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_token_ends_from_offsets_and_for_a_tokenization_the_tokenizer_would_not_choose(tiny):
+    _, tok = tiny
+    text = "We have 12 apples.\nThen 7 more."
+    ids = tok(text, add_special_tokens=False).input_ids
+    slow = [len(tok.decode(ids[:i + 1])) for i in range(len(ids))]
+    assert token_ends(tok, ids) == slow
+    # "apples" spelled out one character at a time: re-encoding gives other ids, so the
+    # ends come from decoding prefixes, and still match
+    odd = tok(" We", add_special_tokens=False).input_ids + [tok.convert_tokens_to_ids(c) for c in "apples"]
+    assert token_ends(tok, odd) == [len(tok.decode(odd[:i + 1])) for i in range(len(odd))]
+    # an EOS at the end ends where the text ends
+    assert token_ends(tok, ids + [tok.eos_token_id]) == slow + [len(text)]
 
 
 def test_token_level_prefix_continues_the_policys_own_tokens(tiny):

@@ -1,14 +1,19 @@
-"""GRPO (arXiv 2501.12948) and the knobs that turn it into its well-known variants:
-Dr.GRPO (no std scaling, ``seq-mean-token-sum-norm``), DAPO (clip-higher, token-mean,
-dynamic sampling, overlong filtering and soft penalty), RLOO (leave-one-out baseline) and
-REINFORCE++ (batch-normalised advantages); presets in conf/algo/.
+"""GRPO (DeepSeekMath, arXiv 2402.03300; DeepSeek-R1, arXiv 2501.12948) and the family
+that differs from it in a few knobs, as presets in conf/algo/:
 
-Experience: each prompt gets a group of ``n`` completions; a completion's advantage is its
-reward minus the group mean, divided by the group standard deviation (``scale_rewards``;
-off gives Dr.GRPO's unscaled advantage). Every token of a completion shares its advantage.
+| preset | advantages | loss |
+| --- | --- | --- |
+| ``grpo`` | (r - group mean) / group std (Bessel) | PPO-clip, seq-mean-token-mean |
+| ``drgrpo`` (arXiv 2503.20783) | r - group mean | PPO-clip, seq-mean-token-sum-norm |
+| ``dapo`` (arXiv 2503.14476) | as grpo, groups filtered on correctness | clip-higher, token-mean |
+| ``rloo`` (arXiv 2402.14740) | r - mean of the group's others | PPO-clip |
+| ``reinforce_pp`` (arXiv 2501.03262) | returns of r - beta * k1 per token, whitened over the batch's tokens; one sample per prompt | PPO-clip, token-mean |
+| ``reinforce_pp_baseline`` | r - group mean, whitened over the batch's tokens | PPO-clip, token-mean, k3 KL in the loss |
+| ``gspo`` (arXiv 2507.18071) | as grpo | GSPO's sequence ratio |
+| ``cispo`` (arXiv 2506.13585) | as grpo | CISPO's clipped stop-gradient weight |
 
-Loss: PPO's clipped surrogate with separate low/high clip ranges, plus an optional k3 KL
-estimate to a frozen reference, aggregated over tokens in one of three ways.
+Every token of a completion shares its advantage (REINFORCE++'s returns differ per token).
+The loss is ``PolicyGradient.loss`` (``algos/pg.py``).
 """
 
 from __future__ import annotations
@@ -17,39 +22,22 @@ from dataclasses import dataclass
 
 import torch
 
-from nanovppo.distributed import global_mean_std
-
+from nanovppo.algos.pg import PolicyGradient
+from nanovppo.distributed import global_sums
 from nanovppo.errors import ConfigError
 from nanovppo.rollout import Rollouts, Sample
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-
-
-ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 
 # Which groups DAPO's dynamic sampling keeps: "correct" (DAPO's rule: some but not all of
 # a group's samples are correct), "reward" (the group's total rewards are not all equal).
 FILTERS = (None, "correct", "reward")
 
 
-def informative_groups(ro: Rollouts, rule: str) -> list[int]:
-    """Indices of the groups that carry a learning signal under ``rule`` (see FILTERS).
-
-    >>> import torch
-    >>> ro = Rollouts([{}] * 3, [[]] * 3, [[]] * 3, torch.tensor([[1.1, 0.1], [1.1, 1.2], [0.0, 0.2]]),
-    ...               torch.tensor([[True, False], [True, True], [False, False]]))
-    >>> informative_groups(ro, "correct"), informative_groups(ro, "reward")
-    ([0], [0, 1, 2])
-    """
-    if rule == "correct":
-        n = ro.correct.shape[1]
-        solved = ro.correct.sum(dim=1)                                    # [G]
-        return [g for g in range(len(solved)) if 0 < solved[g] < n]
-    return [g for g in range(ro.rewards.shape[0]) if ro.rewards[g].std() > 0]
-
-
-def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO: advantages [G, n] from rewards [G, n] (G groups of n samples of one prompt).
+def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: advantages [G, n] from rewards [G, n] (G groups of n samples of one prompt):
+    the reward minus the group mean, over the group's standard deviation with Bessel's
+    correction (as TRL and verl compute it) when ``scale``.
 
     >>> group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), scale=False)
     tensor([[ 0.5000, -0.5000, -0.5000,  0.5000]])
@@ -57,7 +45,7 @@ def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-
     centered = rewards - rewards.mean(dim=1, keepdim=True)       # [G, n]
     if not scale:
         return centered
-    std = rewards.std(dim=1, keepdim=True, unbiased=False)       # [G, 1]
+    std = rewards.std(dim=1, keepdim=True)                       # [G, 1], unbiased
     return centered / (std + eps)
 
 
@@ -72,12 +60,21 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - others
 
 
-def batch_normalized_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """REINFORCE++: rewards whitened over the whole batch, so that above-average samples
-    get a positive advantage (the sign of the mean is removed, not flipped). Under
-    torchrun the batch is every rank's samples together."""
-    mean, std = global_mean_std(rewards)
-    return (rewards - mean) / (std + eps)
+def whiten_over_tokens(per_token: list[torch.Tensor], eps: float = 1e-8) -> list[torch.Tensor]:
+    """Whiten token values (one tensor [C_i] per completion) with the mean and unbiased
+    variance of all tokens of the batch, on every rank together (verl's ``masked_whiten``
+    over the whole batch): a long completion weighs as much as its tokens.
+
+    >>> [t.tolist() for t in whiten_over_tokens([torch.tensor([1.0, 1.0]), torch.tensor([-2.0])])]
+    [[0.5773..., 0.5773...], [-1.1547...]]
+    """
+    flat = torch.cat(per_token) if per_token else torch.zeros(0)
+    total, squares, count = global_sums([flat.sum().item(), (flat.double() ** 2).sum().item(),
+                                         float(flat.numel())])
+    mean = total / max(count, 1.0)
+    var = (squares - count * mean ** 2) / max(count - 1.0, 1.0)
+    scale = 1.0 / (max(var, 0.0) + eps) ** 0.5
+    return [(t - mean) * scale for t in per_token]
 
 
 def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float) -> torch.Tensor:
@@ -93,90 +90,66 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: 
     return 0.0 - penalty * over.clamp(0.0, 1.0)  # 0.0, not -0.0, below the buffer
 
 
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(policy || reference): exp(r) - r - 1 with r = ref - logp."""
-    r = ref_logp - logp
-    return torch.exp(r) - r - 1
+def informative_groups(ro: Rollouts, rule: str) -> list[int]:
+    """Indices of the groups that carry a learning signal under ``rule`` (see FILTERS).
 
-
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, n_tokens: float,
-              n_seqs: float, norm_len: float) -> torch.Tensor:
-    """Reduce a [B, C] per-token loss to a scalar.
-
-    ``n_tokens`` and ``n_seqs`` count the whole minibatch, so that the losses of its
-    micro-batches, each backpropagated on its own, add up to the minibatch's loss.
+    >>> ro = Rollouts([{}] * 3, [[]] * 3, [[]] * 3, torch.tensor([[1.1, 0.1], [1.1, 1.2], [0.0, 0.2]]),
+    ...               torch.tensor([[True, False], [True, True], [False, False]]))
+    >>> informative_groups(ro, "correct"), informative_groups(ro, "reward")
+    ([0], [0, 1, 2])
     """
-    masked = per_token * mask                                    # [B, C]
-    if how == "token-mean":
-        return masked.sum() / n_tokens
-    if how == "seq-mean-token-mean":
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n_seqs
-    if how == "seq-mean-token-sum-norm":
-        return masked.sum() / (n_seqs * norm_len)
-    raise ConfigError(f"unknown loss aggregation {how!r}; use one of {AGGREGATIONS}")
-
-
-def clipped_policy_loss(logp, old_logp, advantages, mask, clip_low: float, clip_high: float):
-    """Per-token PPO-clip loss [B, C] and the clipped indicator [B, C].
-
-    logp, old_logp: [B, C] log-probs of the sampled tokens now and at sampling time;
-    advantages: [B, C] (or [B, 1], broadcast over tokens); mask: [B, C].
-    """
-    ratio = torch.exp(logp - old_logp)                                     # [B, C]
-    unclipped = -advantages * ratio                                        # [B, C]
-    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)       # [B, C]
-    loss = torch.maximum(unclipped, clipped)                               # [B, C]
-    was_clipped = (clipped > unclipped).float() * mask                     # [B, C]
-    return loss, was_clipped
+    if rule == "correct":
+        n = ro.correct.shape[1]
+        solved = ro.correct.sum(dim=1)                                    # [G]
+        return [g for g in range(len(solved)) if 0 < solved[g] < n]
+    return [g for g in range(ro.rewards.shape[0]) if ro.rewards[g].std() > 0]
 
 
 @dataclass
-class GRPO:
-    """``algo=grpo`` and its variants: see conf/algo/grpo.yaml for what each field does."""
+class GRPO(PolicyGradient):
+    """``algo=grpo`` and its presets: see conf/algo/grpo.yaml for what each field does."""
 
-    name: str = "grpo"
-    lr: float = 1e-5
-    group_size: int = 4
-    estimator: str = "grpo"
-    scale_rewards: bool = True
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.0
-    loss_agg: str = "token-mean"
-    ppo_epochs: int = 1
-    num_minibatches: int = 1
-    mask_truncated: bool = False
-    dynamic_sampling: str | None = None
-    max_extra_batches: int = 2
-    overlong_buffer: int = 0
-    overlong_penalty: float = 0.0
+    estimator: str
+    scale_rewards: bool
+    kl_in_reward: bool
+    dynamic_sampling: str | None
+    max_extra_batches: int
+    overlong_buffer: int
+    overlong_penalty: float
 
     def __post_init__(self):
-        if self.loss_agg not in AGGREGATIONS:
-            raise ConfigError(f"algo.loss_agg={self.loss_agg!r}; use one of {AGGREGATIONS}")
+        super().__post_init__()
         if self.estimator not in ESTIMATORS:
             raise ConfigError(f"algo.estimator={self.estimator!r}; use one of {ESTIMATORS}")
         if self.dynamic_sampling not in FILTERS:
             raise ConfigError(f"algo.dynamic_sampling={self.dynamic_sampling!r}; use one of "
                               f"{FILTERS} (null: off)")
-        if self.group_size < 2:
-            raise ConfigError("algo.group_size must be at least 2: GRPO compares samples of a prompt")
-        if min(self.clip_low, self.clip_high) <= 0:
-            raise ConfigError("algo.clip_low and algo.clip_high must be positive")
+        single = self.estimator == "reinforce_pp"
+        if self.group_size < (1 if single else 2):
+            raise ConfigError("algo.group_size must be at least 2: this estimator compares "
+                              "samples of a prompt (REINFORCE++ alone works with 1)")
+        if self.kl_in_reward and self.estimator != "reinforce_pp":
+            raise ConfigError("algo.kl_in_reward folds the KL into REINFORCE++'s per-token "
+                              "returns; use it with algo.estimator=reinforce_pp")
+        if self.dynamic_sampling and single:
+            raise ConfigError("algo.dynamic_sampling filters groups, and REINFORCE++ has "
+                              "one sample per prompt")
 
-    def loss_temperature(self, sampling_temperature: float) -> float:
-        """PPO's ratio compares the policy with the distribution that sampled: the log-probs
-        are taken at the sampling temperature."""
-        return sampling_temperature
+    @property
+    def kl_in_loss(self) -> bool:
+        return self.kl_coef > 0 and not self.kl_in_reward
 
     # -- experience -----------------------------------------------------------------------
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        """Advantages [G, n] from rewards [G, n]."""
+        """Sequence advantages [G, n] from rewards [G, n] (before any whitening over
+        tokens, which needs the lengths)."""
         if self.estimator == "rloo":
             return rloo_advantages(rewards)
         if self.estimator == "reinforce_pp":
-            return batch_normalized_advantages(rewards)
+            return rewards
+        if self.estimator == "reinforce_pp_baseline":
+            return group_advantages(rewards, scale=False)
         return group_advantages(rewards, scale=self.scale_rewards)
 
     def shaped_rewards(self, ro: Rollouts, max_len: int) -> torch.Tensor:
@@ -193,9 +166,30 @@ class GRPO:
         rewards = self.shaped_rewards(ro, source.sampling.max_new_tokens)     # [G, n]
         adv = self.advantages(rewards)                                       # [G, n]
         samples = [Sample(c.prompt_ids, c.token_ids, adv[g, j].item(), rewards[g, j].item(),
-                          c.finish_reason == "length", g)
+                          c.finish_reason == "length", g, c.logprobs)
                    for g, group in enumerate(ro.groups) for j, c in enumerate(group)]
+        if self.estimator == "reinforce_pp_baseline":
+            per_token = [torch.full((len(s.completion_ids),), s.advantage) for s in samples]
+            for s, a in zip(samples, whiten_over_tokens(per_token)):
+                s.advantage = a.tolist()
+        # reinforce_pp: the KL is folded into the returns once the trainer has the
+        # policy's and the reference's log-probs (fold_kl), then whitened.
         return samples, metrics
+
+    def fold_kl(self, samples: list[Sample], old: list[torch.Tensor],
+                ref: list[torch.Tensor] | None) -> None:
+        """REINFORCE++: per-token rewards r_t = -kl_coef * k1_t (+ the sample's reward at
+        its last token), returns G_t = sum of r_s for s >= t (gamma = 1), whitened over all
+        tokens of the batch. ``old`` and ``ref`` hold each sample's log-probs [C_i] under
+        the policy that sampled and the reference."""
+        returns = []
+        for i, s in enumerate(samples):
+            k1 = (old[i] - ref[i]) if ref is not None else torch.zeros(len(s.completion_ids))
+            r = -self.kl_coef * k1                                         # [C_i]
+            r[-1:] += s.reward
+            returns.append(torch.flip(torch.cumsum(torch.flip(r, [0]), 0), [0]))
+        for s, a in zip(samples, whiten_over_tokens(returns)):
+            s.advantage = a.tolist()
 
     def _dynamic_sampling(self, ro: Rollouts, source) -> tuple[Rollouts, dict]:
         """DAPO: drop the groups without signal (all correct or all wrong; or, with the
@@ -216,17 +210,3 @@ class GRPO:
         kept = kept.select(list(range(min(wanted, len(kept.groups)))))
         return kept, {"train/extra_rollout_batches": float(extra),
                       "train/kept_groups": float(len(kept.groups))}
-
-    # -- loss -----------------------------------------------------------------------------
-
-    def loss(self, logp, old_logp, ref_logp, advantages, mask, n_tokens, n_seqs, norm_len):
-        """Scalar loss of a micro-batch and its statistics (sums over its tokens)."""
-        pg, was_clipped = clipped_policy_loss(logp, old_logp, advantages, mask,
-                                              self.clip_low, self.clip_high)
-        per_token = pg
-        stats = {"clip_tokens": was_clipped.sum().item()}
-        if ref_logp is not None and self.kl_coef > 0:
-            kl = k3_kl(logp, ref_logp)                                     # [B, C]
-            per_token = per_token + self.kl_coef * kl
-            stats["kl_tokens"] = (kl.detach() * mask).sum().item()
-        return aggregate(per_token, mask, self.loss_agg, n_tokens, n_seqs, norm_len), stats

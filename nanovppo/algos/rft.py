@@ -23,11 +23,12 @@ samples update the current policy, online, as the other algorithms do.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from nanovppo.algos.grpo import AGGREGATIONS, aggregate, k3_kl
+from nanovppo.algos.losses import AGGREGATIONS, KL_ESTIMATORS, aggregate, kl_penalty
+from nanovppo.algos.pg import LossBatch
 from nanovppo.errors import ConfigError
 from nanovppo.rollout import Rollouts, Sample
 
@@ -52,20 +53,24 @@ def keep_mask(correct: torch.Tensor, band: tuple[float, float] | None) -> torch.
 class RFT:
     """``algo=rft``: see conf/algo/rft.yaml for what each field does."""
 
-    name: str = "rft"
-    lr: float = 1e-5
-    group_size: int = 4
-    dedup: str | None = "solution"
-    success_band: list[float] | None = field(default=None)
-    kl_coef: float = 0.0
-    loss_agg: str = "token-mean"
-    ppo_epochs: int = 1
-    num_minibatches: int = 1
-    mask_truncated: bool = False
+    name: str
+    lr: float
+    group_size: int
+    dedup: str | None
+    success_band: list[float] | None
+    kl_coef: float
+    kl_estimator: str
+    kl_agg: str
+    loss_agg: str
+    ppo_epochs: int
+    num_minibatches: int
+    mask_truncated: bool
 
     def __post_init__(self):
-        if self.loss_agg not in AGGREGATIONS:
-            raise ConfigError(f"algo.loss_agg={self.loss_agg!r}; use one of {AGGREGATIONS}")
+        for key, allowed in [("loss_agg", AGGREGATIONS), ("kl_agg", AGGREGATIONS),
+                             ("kl_estimator", KL_ESTIMATORS)]:
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"algo.{key}={getattr(self, key)!r}; use one of {allowed}")
         if self.dedup not in DEDUP:
             raise ConfigError(f"algo.dedup={self.dedup!r}; use one of {DEDUP} (null: keep all)")
         if self.success_band is not None:
@@ -73,6 +78,12 @@ class RFT:
             if not 0.0 <= lo <= hi <= 1.0:
                 raise ConfigError("algo.success_band must be [low, high] within [0, 1]")
             self.success_band = [lo, hi]
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.kl_coef > 0
+
+    kl_in_loss = uses_reference
 
     def loss_temperature(self, sampling_temperature: float) -> float:
         """Supervised fine-tuning: the policy's own distribution, at temperature 1."""
@@ -95,17 +106,19 @@ class RFT:
                         continue
                     seen.add(key)
                 samples.append(Sample(c.prompt_ids, c.token_ids, 1.0, ro.rewards[g, j].item(),
-                                      c.finish_reason == "length", g))
+                                      c.finish_reason == "length", g, c.logprobs))
         total = ro.rewards.numel()
         return samples, {"train/kept_frac": len(samples) / max(total, 1),
                          "train/correct_kept_frac": len(samples) / max(int(ro.correct.sum()), 1)}
 
-    def loss(self, logp, old_logp, ref_logp, advantages, mask, n_tokens, n_seqs, norm_len):
-        """Token NLL of the kept samples [B, C] (+ k3 KL), aggregated like the PG losses."""
-        per_token = -logp
+    def loss(self, b: LossBatch) -> tuple[torch.Tensor, dict]:
+        """Token NLL of the kept samples [B, C] (+ a KL term), aggregated like the policy
+        gradient losses; the mismatch weights do not apply (imitation, not a ratio)."""
+        loss = aggregate(-b.logp, b.mask, self.loss_agg, b.n_tokens, b.n_seqs, b.norm_len)
         stats = {"clip_tokens": 0.0}
-        if ref_logp is not None and self.kl_coef > 0:
-            kl = k3_kl(logp, ref_logp)
-            per_token = per_token + self.kl_coef * kl
-            stats["kl_tokens"] = (kl.detach() * mask).sum().item()
-        return aggregate(per_token, mask, self.loss_agg, n_tokens, n_seqs, norm_len), stats
+        if self.kl_in_loss:
+            kl = kl_penalty(b.logp, b.ref_logp, self.kl_estimator)
+            loss = loss + self.kl_coef * aggregate(kl, b.mask, self.kl_agg, b.n_tokens,
+                                                   b.n_seqs, b.norm_len)
+            stats["kl_tokens"] = (kl.detach() * b.mask).sum().item()
+        return loss, stats

@@ -1,34 +1,65 @@
-"""VinePPO (arXiv 2410.01679): PPO with Monte-Carlo value estimates instead of a critic.
+"""VinePPO (Kazemnejad et al., arXiv 2410.01679): PPO with Monte-Carlo values instead of a
+critic.
 
 Each sampled response is split into reasoning steps (``algos/steps.py``). The value of a
-state (the prompt, or the prompt plus the first t steps) is the mean reward of ``K``
-continuations sampled from the current policy through the rollout engine, each scored on
-the *whole* response (prefix + continuation). Step t's advantage is
-V(s_{t+1}) - V(s_t), the last value being the response's own reward, and every token of
-the step carries it. The loss is GRPO's PPO-clip, with token-level advantages.
+state s_t (the prompt plus the response's first t steps) is the mean score of ``K``
+continuations the current policy samples from it through the rollout engine, each scored
+on the *whole* response (prefix + continuation); a continuation that runs out of tokens
+scores ``unfinished_penalty`` instead, as does a response cut at the budget. Step t's
+advantage is V(s_{t+1}) - V(s_t), the last value being the response's own score, and every
+token of the step carries it. Advantages are whitened over all tokens of the batch (every
+rank's), the loss is PPO-clip (``algos/pg.py``) with a KL term summed over each sequence's
+tokens and averaged over sequences, as the official code does.
 
-The prefixes are token-level: prompt ids + the first k completion ids, so a continuation
-goes on exactly from the tokens the policy produced. All prefixes of a step go to the
+The states are token-level: prompt ids + the first k completion ids, so a continuation goes
+on exactly from the tokens the policy produced; step boundaries are found on characters
+and mapped to tokens through the tokenizer's offsets. All states of a step go to the
 engine in one call, identical ones once (every response of a prompt shares the prompt).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
-from nanovppo.algos.grpo import GRPO
+from nanovppo.algos.grpo import whiten_over_tokens
+from nanovppo.algos.pg import PolicyGradient
 from nanovppo.algos.steps import SPLITTERS, split_steps
 from nanovppo.engines.base import Sampling
 from nanovppo.errors import ConfigError
 from nanovppo.rollout import Rollouts, Sample
 
 
-def token_ends(tokenizer, token_ids: list[int]) -> list[int]:
-    """Character end of each token in the decoded text: ``decode(ids[:i+1])`` has that length."""
-    return [len(tokenizer.decode(token_ids[:i + 1], skip_special_tokens=True))
-            for i in range(len(token_ids))]
+def token_ends(tokenizer, token_ids: list[int], text: str | None = None) -> list[int]:
+    """Character end of each token in the decoded text, in time linear in its length.
+
+    The decoded text is encoded again with the tokenizer's offsets; where that gives back
+    the same ids (the usual case) the offsets are the answer. Where it does not (a policy
+    may sample a tokenization the tokenizer would not choose), each token's end is the
+    length of the decoded prefix up to it. Special tokens (EOS) end where the text ends.
+    """
+    if text is None:
+        text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    n = len(token_ids)
+    while n and token_ids[n - 1] in special:
+        n -= 1
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        same = list(enc["input_ids"]) == list(token_ids[:n])
+    except (NotImplementedError, TypeError, ValueError, KeyError):  # no offsets (slow tokenizers)
+        same = False
+    if same:
+        ends, last = [], 0
+        for _, end in enc["offset_mapping"]:
+            last = max(last, end)
+            ends.append(last)
+    else:
+        ends = [len(tokenizer.decode(token_ids[:i + 1], skip_special_tokens=True))
+                for i in range(n)]
+    return ends + [len(text)] * (len(token_ids) - n)
 
 
 def step_token_bounds(char_spans: list[tuple[int, int]], ends: list[int]) -> list[int]:
@@ -62,39 +93,45 @@ def step_advantages(values: list[float]) -> list[float]:
 
 
 @dataclass
-class VinePPO(GRPO):
+class VinePPO(PolicyGradient):
     """``algo=vppo``: see conf/algo/vppo.yaml for what each field does."""
 
-    name: str = "vppo"
-    mc_rollouts: int = 4
-    splitter: str = "newlines"
-    max_steps: int = 4
-    min_step_chars: int = 1
-    chunk_tokens: int = 16
-    truncated_penalty: float = 0.0
-    whiten_advantages: bool = False
-    group_size: int = 2
+    mc_rollouts: int
+    splitter: str
+    max_steps: int
+    min_step_chars: int
+    chunk_tokens: int
+    unfinished_penalty: float
+    whiten_advantages: bool
 
     def __post_init__(self):
+        super().__post_init__()
         if self.splitter not in SPLITTERS:
             raise ConfigError(f"algo.splitter={self.splitter!r}; use one of {SPLITTERS}")
         if self.mc_rollouts < 1:
             raise ConfigError("algo.mc_rollouts must be at least 1")
         if self.group_size < 1:
             raise ConfigError("algo.group_size must be at least 1")
-        if self.loss_agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
-            raise ConfigError(f"algo.loss_agg={self.loss_agg!r} is not known")
 
     def split(self, tokenizer, token_ids: list[int]) -> list[int]:
         """Token bounds of the steps of one completion."""
-        ends = token_ends(tokenizer, token_ids)
         text = tokenizer.decode(token_ids, skip_special_tokens=True)
+        ends = token_ends(tokenizer, token_ids, text)
         spans = split_steps(text, self.splitter, max_steps=self.max_steps,
                             min_chars=self.min_step_chars, token_ends=ends,
                             chunk_tokens=self.chunk_tokens)
         return step_token_bounds(spans, ends) if spans else [0, len(token_ids)]
 
+    def score(self, source, completion_ids: list[int], finish_reason: str, example) -> float:
+        """A continued response's score: its total reward, or ``unfinished_penalty`` if it
+        was cut at the token budget."""
+        if finish_reason == "length":
+            return self.unfinished_penalty
+        text = source.tokenizer.decode(completion_ids, skip_special_tokens=True)
+        return source.score_text(text, example)
+
     def make_samples(self, ro: Rollouts, source) -> tuple[list[Sample], dict]:
+        t0 = time.perf_counter()
         tok, max_new = source.tokenizer, source.sampling.max_new_tokens
         # 1. steps of every response, as token bounds
         flat = [(g, c) for g, group in enumerate(ro.groups) for c in group]
@@ -103,6 +140,7 @@ class VinePPO(GRPO):
         keys: dict[tuple[int, ...], int] = {}
         requests: list[list[int]] = []
         budgets: list[int] = []
+        owner: list[tuple] = []  # request -> (group, a response with that prefix, k)
         for (g, c), b in zip(flat, bounds):
             for k in b[:-1]:
                 key = prefix_key(c, k)
@@ -110,53 +148,46 @@ class VinePPO(GRPO):
                     keys[key] = len(requests)
                     requests.append(list(key))
                     budgets.append(max(1, max_new - k))
+                    owner.append((g, c, k))
         sampling = Sampling(n=self.mc_rollouts, temperature=source.sampling.temperature,
                             top_p=source.sampling.top_p, max_new_tokens=max_new,
                             stop=source.sampling.stop)
+        t1 = time.perf_counter()
         conts = source.engine.generate(requests, sampling, max_new_tokens=budgets) if requests else []
+        sampling_s = time.perf_counter() - t1
         # 3. each continuation is scored on the whole response: prefix + continuation
-        owner: dict[int, tuple] = {}  # request -> (group, a response with that prefix, k)
-        for (g, c), b in zip(flat, bounds):
-            for k in b[:-1]:
-                owner.setdefault(keys[prefix_key(c, k)], (g, c, k))
         value = [0.0] * len(requests)
-        n_cont, n_trunc = 0, 0
+        n_cont = n_unfinished = 0
         for i, group in enumerate(conts):
             g, c, k = owner[i]
-            scores = []
-            for cont in group:
-                text = tok.decode(c.token_ids[:k] + cont.token_ids, skip_special_tokens=True)
-                score = source.score_text(text, ro.examples[g])
-                if cont.finish_reason == "length":
-                    score -= self.truncated_penalty
-                    n_trunc += 1
-                scores.append(score)
-                n_cont += 1
+            scores = [self.score(source, c.token_ids[:k] + cont.token_ids, cont.finish_reason,
+                                 ro.examples[g]) for cont in group]
+            n_cont += len(group)
+            n_unfinished += sum(cont.finish_reason == "length" for cont in group)
             value[i] = sum(scores) / len(scores)
         # 4. advantages per step, spread over the step's tokens
-        samples, all_adv = [], []
+        samples, per_token_all = [], []
         n = ro.rewards.shape[1]
-        for idx, ((g, c), b) in enumerate(zip(flat, bounds)):
-            reward = ro.rewards[g, idx % n].item()
-            final = reward - (self.truncated_penalty if c.finish_reason == "length" else 0.0)
+        for i, ((g, c), b) in enumerate(zip(flat, bounds)):
+            final = (self.unfinished_penalty if c.finish_reason == "length"
+                     else ro.rewards[g, i % n].item())
             vals = [value[keys[prefix_key(c, k)]] for k in b[:-1]]
-            adv_steps = step_advantages(vals + [final])
-            per_token = [0.0] * len(c.token_ids)
-            for t, a in enumerate(adv_steps):
-                for j in range(b[t], b[t + 1]):
-                    per_token[j] = a
-            all_adv.extend(per_token)
-            samples.append(Sample(c.prompt_ids, c.token_ids, per_token, reward,
-                                  c.finish_reason == "length", g))
-        if self.whiten_advantages and len(all_adv) > 1:
-            t = torch.tensor(all_adv)
-            mean, std = t.mean().item(), t.std(unbiased=False).item() + 1e-6
-            for s in samples:
-                s.advantage = [(a - mean) / std for a in s.advantage]
-        metrics = {"train/value_requests": float(len(requests)),
+            per_token = torch.zeros(len(c.token_ids))
+            for t, a in enumerate(step_advantages(vals + [final])):
+                per_token[b[t]:b[t + 1]] = a
+            per_token_all.append(per_token)
+            samples.append(Sample(c.prompt_ids, c.token_ids, None, final,
+                                  c.finish_reason == "length", g, c.logprobs))
+        if self.whiten_advantages:
+            per_token_all = whiten_over_tokens(per_token_all)
+        for s, a in zip(samples, per_token_all):
+            s.advantage = a.tolist()
+        metrics = {"train/states_valued": float(len(requests)),
                    "train/continuations": float(n_cont),
-                   "train/continuation_truncated_frac": n_trunc / max(n_cont, 1),
+                   "train/continuation_unfinished_frac": n_unfinished / max(n_cont, 1),
                    "train/steps_per_response": sum(len(b) - 1 for b in bounds) / max(len(bounds), 1),
                    "train/value_prompt_mean": float(sum(value[keys[prefix_key(c, 0)]]
-                                                        for _, c in flat) / max(len(flat), 1))}
+                                                        for _, c in flat) / max(len(flat), 1)),
+                   "perf/value_sampling_s": sampling_s,
+                   "perf/value_estimation_s": time.perf_counter() - t0}
         return samples, metrics

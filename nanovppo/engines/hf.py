@@ -40,6 +40,8 @@ class HFEngine:
     """The ``hf`` inference backend (see ``conf/inference_backend/hf.yaml``)."""
 
     name = "hf"
+    # It samples with the trainer's own model code and dtype: no mismatch to correct.
+    trainer_numerics = True
 
     def __init__(self, model, tokenizer, seed: int = 0, max_batch: int = 64, name: str = "hf",
                  dtype: str | None = None, attn_implementation: str | None = None,

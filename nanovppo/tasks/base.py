@@ -69,6 +69,11 @@ class Task:
         msgs.append({"role": "user", "content": self.user_template.format(**example)})
         return msgs
 
+    def prompt_text(self, example: dict) -> str | None:
+        """The prompt as plain text, for a model without a chat template; None (the
+        default) renders ``messages`` with the tokenizer's chat template."""
+        return None
+
     def reward(self, response: str, example: dict) -> Reward:  # pragma: no cover - abstract
         raise NotImplementedError
 

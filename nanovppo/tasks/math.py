@@ -45,7 +45,12 @@ class _AnswerTask(Task):
         if template not in templates:
             raise ConfigError(f"task.template={template!r}; choose one of {sorted(templates)}")
         t = templates[template]
-        super().__init__(t.get("system"), t["user"], prefill)
+        if ("user" in t) == ("raw" in t):
+            raise ConfigError(f"task.templates.{template} needs either user (a chat message) "
+                              "or raw (plain text, for models without a chat template)")
+        super().__init__(t.get("system"), t.get("user", ""), prefill)
+        self.raw_template = t.get("raw")
+        self.stop = tuple(t.get("stop") or ())
         self.name = name
         self.shaping = shaping_weights(shaping, self.SHAPING, "task.shaping")
         self.seed, self.n_train, self.n_test = seed, n_train, n_test
@@ -95,6 +100,8 @@ class _AnswerTask(Task):
         return out
 
     def messages(self, example: dict) -> list[dict[str, str]]:
+        if self.raw_template is not None:
+            return [{"role": "user", "content": self.prompt_text(example)}]
         msgs = []
         if self.system_prompt:
             msgs.append({"role": "system", "content": self.system_prompt})
@@ -102,6 +109,12 @@ class _AnswerTask(Task):
         msgs.append({"role": "user",
                      "content": self.user_template.replace("{question}", example["question"])})
         return msgs
+
+    def prompt_text(self, example: dict) -> str | None:
+        """The whole prompt as plain text for a ``raw`` template (no chat template)."""
+        if self.raw_template is None:
+            return None
+        return self.raw_template.replace("{question}", example["question"])
 
 
 
