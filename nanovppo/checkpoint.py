@@ -51,9 +51,10 @@ def save_checkpoint(run_dir: str | Path, step: int, cfg, model, tokenizer, optim
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    if keep > 0:
+    if keep > 0:  # the RL start (step 0) is kept too: resume and evaluation read it
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old)
+            if old.name != "step_000000":
+                shutil.rmtree(old)
     return final
 
 

@@ -4,6 +4,7 @@
     python -m nanovppo.evaluate task=gsm8k task.data_files=train.jsonl \\
         task.test_files=test.jsonl eval.n=16 eval.temperature=0.6
     python -m nanovppo.evaluate eval.checkpoint=outputs/runs/DATE/TIME       # a run's latest checkpoint
+    python -m nanovppo.evaluate eval.checkpoint=models:/<id>                 # a checkpoint logged in MLflow
     python -m nanovppo.evaluate eval.run_id=<MLflow run id>                  # the model of that run
 
 pass@k uses the unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al., 2021) for
@@ -24,14 +25,15 @@ import numpy as np
 from hydra.errors import InstantiationException
 from nanovppo.config import build
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from nanovppo import checkpoint as ckpt
 from nanovppo.engines.base import Sampling
 from nanovppo.errors import ConfigError, NanovppoError
+from nanovppo.lora import ADAPTER_CONFIG
 from nanovppo.models import load_model
+from nanovppo.progress import bar
 from nanovppo.rollout import RolloutSource
-from nanovppo.tracking import Tracker, default_tracking_uri, flatten
+from nanovppo.tracking import Tracker, checkpoint_of_model, default_tracking_uri, flatten
 from nanovppo.train import CONF_DIR, seed_everything
 
 log = logging.getLogger("nanovppo")
@@ -83,17 +85,38 @@ def resolve_model(cfg: DictConfig) -> DictConfig:
         if not run_dir:
             raise ConfigError(f"MLflow run {cfg.eval.run_id} was not made by nanovppo.train")
         path = Path(run_dir)
+    elif str(cfg.eval.checkpoint or "").startswith("models:/"):  # a logged model of a run
+        uri = cfg.tracking.uri or default_tracking_uri(cfg.paths.outputs)
+        try:
+            path = checkpoint_of_model(uri, str(cfg.eval.checkpoint))
+        except Exception as e:  # noqa: BLE001 - MLflow raises several kinds
+            raise ConfigError(f"eval.checkpoint={cfg.eval.checkpoint}: no such nanovppo "
+                              f"logged model at {uri} ({e})") from None
     elif cfg.eval.checkpoint:
         path = Path(str(cfg.eval.checkpoint))
     if path is None:
         return cfg.model
-    if not (path / "model" / "config.json").is_file():  # a run folder: its latest checkpoint
+    return checkpoint_model_config(path, cfg.model.name)
+
+
+def checkpoint_model_config(path: Path, name: str) -> DictConfig:
+    """A model config that loads a checkpoint (``step_N``, or a run folder: its latest):
+    its whole weights, or a LoRA checkpoint's adapters over their base (``adapters``: the
+    loader merges them in)."""
+    if not any((path / "model" / f).is_file() for f in ("config.json", ADAPTER_CONFIG)):
         latest = ckpt.latest_checkpoint(path)
         if latest is None:
             raise ConfigError(f"{path} is neither a checkpoint nor a run folder with one")
         path = latest
-    return OmegaConf.create({"name": f"{cfg.model.name}@{path.name}", "source": "dir",
-                             "path": str(path / "model")})
+    label = f"{name}@{path.name}"
+    if (path / "model" / "config.json").is_file():
+        return OmegaConf.create({"name": label, "source": "dir", "path": str(path / "model")})
+    start = path.parent / "step_000000" / "model"  # a warm start merged into the base
+    if (start / "config.json").is_file():
+        base = OmegaConf.create({"source": "dir", "path": str(start)})
+    else:
+        base = OmegaConf.load(path / "config.yaml").model
+    return OmegaConf.merge(base, {"name": label, "adapters": str(path / "model"), "lora": None})
 
 
 def evaluate_model(cfg: DictConfig) -> dict:
@@ -118,8 +141,8 @@ def evaluate_model(cfg: DictConfig) -> dict:
     per_k = {k: [] for k in ks}
     maj = {k: [] for k in ks}
     rewards, lengths = [], []
-    for i in tqdm(range(0, len(examples), e.batch_prompts), desc="eval", unit="batch",
-                  disable=not cfg.trainer.progress):
+    for i in bar(cfg.trainer.progress, iterable=range(0, len(examples), e.batch_prompts),
+                 desc="eval", unit="batch"):
         ro = source.collect(examples[i:i + e.batch_prompts])
         for g, group in enumerate(ro.groups):
             correct = ro.correct[g].tolist()

@@ -360,7 +360,7 @@ def sparse_tied_embedding_grads(model) -> bool:
     """
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if (not isinstance(emb, torch.nn.Embedding) or head is None
-            or emb.weight is not head.weight or emb.sparse):
+            or emb.weight is not head.weight or emb.sparse or not emb.weight.requires_grad):
         return False
     weight = emb.weight
 

@@ -113,6 +113,10 @@ def load_model(cfg, dtype: str = "float32"):
         model, tok = _from_pretrained(path, torch_dtype)
     else:
         raise ConfigError(f"model.source must be hub, dir, gguf or tiny_random, not {source!r}")
+    if cfg.get("adapters"):  # a LoRA checkpoint: its adapters folded into the base
+        from nanovppo.lora import load_adapters
+
+        model = load_adapters(model, cfg.adapters).merge_and_unload()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

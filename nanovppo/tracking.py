@@ -3,24 +3,43 @@
 Only the process that trains (rank 0 under torchrun) creates a ``Tracker``. Nothing here
 touches MLflow's global "active run", so the jobs of a multirun, which Hydra's basic
 launcher runs one after another in one process, cannot leak into each other.
+
+What MLflow's UI reads, and where it comes from here:
+
+- the experiment's kind (tag ``mlflow.experimentKind``): set to
+  ``custom_model_development`` when nanovppo creates the experiment, so the UI opens on
+  the training runs, not on the GenAI views;
+- the run's datasets (``log_datasets``): the task's training and test sets as dataset
+  inputs with a name, a digest of their rows and their source (generated with a seed and
+  settings, a hub id, or a file);
+- system metrics (``system/*``: CPU, memory, disk, network, GPU where present), sampled by
+  MLflow's own monitor in a thread;
+- logged models (``log_checkpoint``): each checkpoint as an external logged model that
+  points at its folder, with the step's metrics linked to it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
 
 log = logging.getLogger(__name__)
 
 _ILLEGAL = re.compile(r"[^0-9A-Za-z_\-. /]")
+EXPERIMENT_KIND = "mlflow.experimentKind"
+CHECKPOINT_TAG = "nanovppo.checkpoint_dir"  # a logged model's checkpoint folder
 MAX_PARAM_CHARS = 6000
 
 
@@ -58,7 +77,7 @@ class Tracker:
                  artifact_dir: str | os.PathLike | None = None):
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
-        self.last_logged_step = 0
+        self.last_logged_step: int | None = None  # a new run has logged nothing
         if run_id:
             run = self.client.get_run(run_id)
             self.run_id = run.info.run_id
@@ -66,17 +85,22 @@ class Tracker:
             self.client.update_run(self.run_id, status="RUNNING")
             # Steps logged after the checkpoint we resume from would be replayed; skip them.
             for key in run.data.metrics:
+                if key.startswith("system/"):  # the system monitor counts its own steps
+                    continue
                 history = self.client.get_metric_history(self.run_id, key)
                 if history:
-                    self.last_logged_step = max(self.last_logged_step, max(m.step for m in history))
+                    last = max(m.step for m in history)
+                    if self.last_logged_step is None or last > self.last_logged_step:
+                        self.last_logged_step = last
         else:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 location = None
                 if uri.startswith("sqlite:") and artifact_dir is not None:
                     location = Path(artifact_dir).resolve().as_uri()
-                try:
-                    self.experiment_id = self.client.create_experiment(experiment, location)
+                try:  # the UI then opens on its runs, not on MLflow's GenAI views
+                    self.experiment_id = self.client.create_experiment(
+                        experiment, location, tags={EXPERIMENT_KIND: "custom_model_development"})
                 except mlflow.exceptions.MlflowException:  # created by a concurrent job
                     self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
             else:
@@ -95,15 +119,15 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> bool:
-        """Log one step's metrics; a step that this run already holds is skipped."""
-        if step <= self.last_logged_step:
+    def log_metrics(self, metrics: Mapping[str, float], step: int,
+                    model_id: str | None = None) -> bool:
+        """Log one step's metrics (linked to a logged model, e.g. the step's checkpoint); a
+        step that this run already holds is skipped."""
+        if self.last_logged_step is not None and step <= self.last_logged_step:
             return False
-        import time
-
         now = int(time.time() * 1000)
-        items = [Metric(sanitize_key(k), float(v), now, step) for k, v in metrics.items()
-                 if v is not None and math.isfinite(float(v))]
+        items = [Metric(sanitize_key(k), float(v), now, step, model_id=model_id)
+                 for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i:i + 500])
         self.last_logged_step = step
@@ -121,5 +145,66 @@ class Tracker:
     def history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
+    # -- datasets, system metrics, models -------------------------------------------------
+
+    def log_datasets(self, datasets: Mapping[str, dict]) -> None:
+        """Log datasets as the run's inputs: ``{context: {"name", "rows", "source_type",
+        "source"}}`` (``Task.datasets()``); the digest is a hash of the rows."""
+        inputs = []
+        for context, d in datasets.items():
+            rows = json.dumps(d["rows"], sort_keys=True, default=str).encode()
+            dataset = Dataset(name=d["name"], digest=hashlib.sha256(rows).hexdigest()[:12],
+                              source_type=d["source_type"], source=json.dumps(d["source"]),
+                              profile=json.dumps({"num_rows": len(d["rows"])}))
+            inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def start_system_metrics(self, interval: float | None, resume: bool = False) -> None:
+        """Sample CPU, memory, disk, network and GPU use every ``interval`` seconds into
+        ``system/*`` (None: off)."""
+        self._monitor = None
+        if not interval:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval,
+                                             resume_logging=resume, tracking_uri=self.uri)
+        self._monitor.start()
+
+    def log_checkpoint(self, step: int, path: str | os.PathLike,
+                       params: Mapping[str, Any] | None = None) -> str:
+        """Register the checkpoint at ``path`` as an external logged model, an output of this
+        run (MLflow keeps only its description; the weights stay in the folder). Returns its
+        id: ``models:/<id>``; ``log_metrics(..., model_id=...)`` links the step's metrics."""
+        from mlflow.entities import LoggedModelOutput
+        from mlflow.models.model import MLMODEL_FILE_NAME
+        from mlflow.models.utils import get_external_mlflow_model_spec
+        from mlflow.utils.file_utils import TempDir
+
+        model = self.client.create_logged_model(
+            self.experiment_id, name=f"checkpoint-step-{step}", source_run_id=self.run_id,
+            tags={MLFLOW_MODEL_IS_EXTERNAL: "true", CHECKPOINT_TAG: str(Path(path).resolve()),
+                  "nanovppo.step": str(step)},
+            params={k: str(v)[:MAX_PARAM_CHARS] for k, v in (params or {}).items()},
+            model_type="nanovppo-checkpoint")
+        with TempDir() as tmp:  # the MLmodel file MLflow writes for external models
+            get_external_mlflow_model_spec(model).save(tmp.path(MLMODEL_FILE_NAME))
+            self.client.log_model_artifacts(model.model_id, tmp.path())
+        self.client.finalize_logged_model(model.model_id, "READY")
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step)])
+        return model.model_id
+
     def finish(self, status: str = "FINISHED") -> None:
+        if getattr(self, "_monitor", None) is not None:
+            self._monitor.finish()
         self.client.set_terminated(self.run_id, status=status)
+
+
+def checkpoint_of_model(uri: str, model_uri: str) -> Path:
+    """The checkpoint folder behind a ``models:/<id>`` URI that ``log_checkpoint`` made."""
+    model_id = model_uri.removeprefix("models:/").strip("/")
+    model = MlflowClient(tracking_uri=uri).get_logged_model(model_id)
+    path = model.tags.get(CHECKPOINT_TAG)
+    if not path:
+        raise ValueError(f"{model_uri} is not a nanovppo checkpoint (no {CHECKPOINT_TAG} tag)")
+    return Path(path)

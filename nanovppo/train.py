@@ -31,10 +31,10 @@ from hydra.types import RunMode
 from hydra.errors import InstantiationException
 from nanovppo.config import build
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from nanovppo import checkpoint as ckpt
 from nanovppo import distributed as dd
+from nanovppo import lora as lora_mod
 from nanovppo.errors import ConfigError, NanovppoError
 from nanovppo.algos.losses import mismatch_stats, rollout_correction
 from nanovppo.algos.pg import LossBatch
@@ -45,7 +45,9 @@ from nanovppo.memory import keep_freed_memory, release_free_memory
 from nanovppo.rollout import RolloutSource, Sample
 from nanovppo.models import load_model, to_dtype
 from nanovppo.optim import adamw
+from nanovppo.progress import bar, logging_redirect_tqdm
 from nanovppo.tracking import Tracker, default_tracking_uri, flatten
+from nanovppo.warm_start import warm_start
 
 log = logging.getLogger("nanovppo")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -234,13 +236,6 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
     # the advantages need them first (REINFORCE++ folds the KL into its returns).
     kl_in_reward = getattr(algo, "kl_in_reward", False)
     reuse_current = algo.ppo_epochs == 1 and algo.num_minibatches == 1 and not kl_in_reward
-    plan = [[micro_batches(mb, cfg.trainer.micro_batch_size)
-             for mb in split_groups(samples, algo.num_minibatches, rng, d)]
-            for _ in range(algo.ppo_epochs)]
-    if d.on:  # every rank runs as many micro-batches as the busiest one (empty ones pad)
-        flat = _pad_to_busiest([b for epoch in plan for b in epoch], d)
-        plan = [flat[e * algo.num_minibatches:(e + 1) * algo.num_minibatches]
-                for e in range(algo.ppo_epochs)]
     # PPO's "old" log-probs are those of the policy that sampled, i.e. before this step's
     # first optimizer step: computed once for every sample.
     t0 = time.perf_counter()
@@ -250,19 +245,32 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
     if kl_in_reward:
         algo.fold_kl(samples, [old[id(s)] for s in samples],
                      None if refs is None else [refs[id(s)] for s in samples])
-    bar = tqdm(total=sum(len(b) for epoch in plan for b in epoch), desc="update", unit="mb",
-               leave=False, disable=not cfg.trainer.progress or not d.main)
+    # The minibatches of each epoch, and each one's loss normalisers (its loss tokens and
+    # sequences, all of them, over all ranks). Only samples that carry a gradient are
+    # forwarded: without a KL term in the loss, a completion whose advantage is 0 on every
+    # token (a group whose samples all scored the same) has a loss and gradient of exactly
+    # 0 (tests/test_update_reference.py checks the update is unchanged).
+    minibatch_lists = [split_groups(samples, algo.num_minibatches, rng, d)
+                       for _ in range(algo.ppo_epochs)]
+    norms = [[_normalisers(mb, algo, d) for mb in epoch] for epoch in minibatch_lists]
+    for epoch in minibatch_lists:  # clip and KL fractions count every loss token, skipped or not
+        totals["tokens"] += float(sum(len(s.completion_ids) for mb in epoch for s in mb
+                                      if not (algo.mask_truncated and s.truncated)))
+    plan = [[micro_batches([s for s in mb if algo.carries_gradient(s)],
+                           cfg.trainer.micro_batch_size) for mb in epoch]
+            for epoch in minibatch_lists]
+    if d.on:  # every rank runs as many micro-batches as the busiest one (empty ones pad)
+        flat = _pad_to_busiest([b for epoch in plan for b in epoch], d)
+        plan = [flat[e * algo.num_minibatches:(e + 1) * algo.num_minibatches]
+                for e in range(algo.ppo_epochs)]
+    trained = sum(len(micro) for minibatch in plan[0] for micro in minibatch)
+    totals["samples"], totals["skipped_samples"] = float(len(samples)), float(len(samples) - trained)
+    micro = bar(cfg.trainer.progress and d.main, total=sum(len(b) for epoch in plan for b in epoch),
+                desc="update", unit="micro-batch", leave=False)
     model.train()
     for epoch, minibatches in enumerate(plan):
-        for batches in minibatches:
+        for batches, (n_tokens, n_seqs) in zip(minibatches, norms[epoch]):
             masks = [_train_mask(mb, algo) for mb in batches]
-            # Normalisers count the minibatch over all ranks; the loss is scaled by the
-            # world size because the ranks average their gradients (module doc of
-            # nanovppo/distributed.py).
-            n_tokens, n_seqs = dd.all_reduce_sum(
-                [sum(m.sum().item() for m in masks),
-                 float(sum((m.sum(-1) > 0).sum().item() for m in masks))], d)
-            n_tokens, n_seqs = max(1.0, n_tokens), max(1.0, n_seqs)
             optimizer.zero_grad(set_to_none=True)
             # One autocast region per minibatch: the weights' bf16 casts are made once and
             # reused by its micro-batches (the weights only change at optimizer.step()).
@@ -278,7 +286,7 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
                         if not mb:
                             with _no_autocast(cfg):
                                 (logp.sum() * 0.0).backward()
-                            bar.update()
+                            micro.update()
                             continue
                         adv = _advantages(mb, mask.shape[1])                      # [b, C]
                         old_logp = (logp.detach() if old is None
@@ -311,11 +319,10 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
                     totals["loss"] += loss.item()
                     totals["clip_tokens"] += stats["clip_tokens"]
                     totals["kl_tokens"] += stats.get("kl_tokens", 0.0)
-                    totals["tokens"] += mask.sum().item()
                     if epoch == 0:
                         totals["entropy_tokens"] += (ent * batch.completion_mask).sum().item()
                         totals["entropy_count"] += batch.completion_mask.sum().item()
-                    bar.update()
+                    micro.update()
             t0 = time.perf_counter()
             clip = cfg.trainer.max_grad_norm
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
@@ -324,7 +331,7 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
             grad_norms.append(norm.item())
             optimizer.step()
             perf["optimizer_s"] += time.perf_counter() - t0
-    bar.close()
+    micro.close()
     optimizer.zero_grad(set_to_none=True)
     release_free_memory()
     if low_memory:
@@ -339,6 +346,8 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
            "train/kl": totals["kl_tokens"] / tokens,
            "train/entropy": totals["entropy_tokens"] / max(totals["entropy_count"], 1.0),
            "train/grad_norm": float(np.mean(grad_norms)),
+           # samples not forwarded: their loss is exactly 0 (zero advantage, no KL)
+           "train/skipped_samples_frac": totals["skipped_samples"] / max(totals["samples"], 1.0),
            **{f"perf/update_{k}": v for k, v in perf.items()}}
     if totals["engine_tokens"]:  # the engine reported log-probs
         engine_tokens = totals["engine_tokens"]
@@ -357,6 +366,16 @@ def _advantages(mb: list[Sample], width: int) -> torch.Tensor:
         else:
             adv[r, :len(s.advantage)] = torch.tensor(s.advantage, dtype=torch.float32)
     return adv
+
+
+def _normalisers(minibatch: list[Sample], algo, d: dd.Dist) -> tuple[float, float]:
+    """The loss tokens and sequences of a minibatch, summed over all ranks: every loss
+    divides by them (the loss is then scaled by the world size, because the ranks average
+    their gradients; module doc of nanovppo/distributed.py)."""
+    kept = [s for s in minibatch if not (algo.mask_truncated and s.truncated)]
+    tokens, seqs = dd.all_reduce_sum([float(sum(len(s.completion_ids) for s in kept)),
+                                      float(sum(1 for s in kept if s.completion_ids))], d)
+    return max(1.0, tokens), max(1.0, seqs)
 
 
 def _engine_logprobs(mb: list[Sample], width: int) -> torch.Tensor | None:
@@ -431,18 +450,30 @@ def _train(cfg: DictConfig, run_dir, d: dd.Dist) -> dict:
     strategy = str(cfg.hardware.get("strategy", "ddp"))
 
     task = build(cfg.task, "task")
-    policy, tokenizer = load_model(policy_cfg, dtype=cfg.hardware.param_dtype)
-    policy.to(device)
-    attention = cfg.hardware.get("attn_implementation")
-    _set_attention(policy, attention)
-    if cfg.hardware.get("gradient_checkpointing"):
-        checkpoint_layers(policy, dd.decoder_layers(policy))
     algo = build(cfg.algo, "algo")
-    ref = None
-    if algo.uses_reference:  # the frozen *initial* policy, also when resuming
-        ref_model, _ = load_model(cfg.model, dtype=cfg.hardware.param_dtype)
-        _set_attention(ref_model, attention)
-        ref = GroupLogprobs(ref_model.to(device).eval().requires_grad_(False))
+    lora = cfg.model.lora
+    if lora and d.on and strategy == "fsdp2":
+        raise ConfigError("model.lora trains under one process or hardware.strategy=ddp; "
+                          "FSDP2 shards the frozen base for nothing")
+    policy, tokenizer = _load_policy(cfg, policy_cfg, run_dir, state, device)
+    # One process: the update's backward in two phases (lower peak; see _PromptBoundary),
+    # and a tied embedding's gradient sparse (no [vocab, hidden] zero-fill per pass).
+    if not d.on:
+        sparse_tied_embedding_grads(policy)
+    tracker = _make_tracker(cfg, run_dir, state, task) if d.main else None
+    sharded = d.on and strategy == "fsdp2"
+    model, warm = None, {}
+    if state is None and cfg.warm_start.steps > 0:
+        if sharded and cfg.inference_backend.name == "hf":
+            raise ConfigError("warm_start.steps > 0 under FSDP2 needs the vllm or sglang "
+                              "engine (the hf engine copies the policy before it is sharded)"
+                              "; or use hardware.strategy=ddp")
+        model = dd.wrap(GroupLogprobs(policy, split_backward=not d.on), strategy, d, device)
+        warm = warm_start(cfg, task, tokenizer, model, tracker, d)
+        if lora:  # RL starts from the warm-started weights, with fresh adapters over them
+            policy = lora_mod.add_adapters(policy.merge_and_unload(), lora)
+            model = None
+    ref = _reference(cfg, algo, policy, run_dir, state, device) if algo.uses_reference else None
     # The engine is built before sharding: an hf engine under FSDP2 keeps its own whole
     # copy (a sharded module cannot sample on one rank alone).
     extra = {"copy_model": True} if (cfg.inference_backend.name == "hf" and d.on
@@ -451,15 +482,14 @@ def _train(cfg: DictConfig, run_dir, d: dd.Dist) -> dict:
     # share a seed, as vLLM requires.
     engine_group = d.rank // int(cfg.inference_backend.get("tensor_parallel_size", 1))
     engine = build(cfg.inference_backend, "inference_backend", model=policy, tokenizer=tokenizer,
-                         seed=cfg.seed + 1009 * engine_group, _convert_="partial", **extra)
+                   seed=cfg.seed + 1009 * engine_group, _convert_="partial", **extra)
     engine.progress = cfg.trainer.progress and d.main
+    if model is None:
+        model = dd.wrap(GroupLogprobs(policy, split_backward=not d.on), strategy, d, device)
     correction = resolve_correction(cfg.rollout.correction, engine)
-    # One process: the update's backward in two phases (lower peak; see _PromptBoundary),
-    # and a tied embedding's gradient sparse (no [vocab, hidden] zero-fill per pass).
-    if not d.on:
-        sparse_tied_embedding_grads(policy)
-    model = dd.wrap(GroupLogprobs(policy, split_backward=not d.on), strategy, d, device)
-    optimizer = adamw(model.parameters(), lr=algo.lr, betas=tuple(cfg.trainer.adam_betas),
+    # Only what trains reaches the optimizer (with LoRA: the adapters).
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=algo.lr,
+                      betas=tuple(cfg.trainer.adam_betas),
                       weight_decay=cfg.trainer.weight_decay, seed=cfg.seed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
 
@@ -477,45 +507,125 @@ def _train(cfg: DictConfig, run_dir, d: dd.Dist) -> dict:
         if d.main:
             log.info("resuming %s from step %d", run_dir, start_step)
 
-    tracker = _make_tracker(cfg, run_dir, state) if d.main else None
     pad_id = tokenizer.pad_token_id
+    if state is None:  # a new run: the RL start, evaluated and saved as step 0
+        start = evaluate(engine, task, tokenizer, cfg, d)
+        start["eval/accuracy_rl_start"] = start.get("eval/accuracy", 0.0)
+        start.update(warm)
+        # With LoRA after a warm start, the RL start is saved whole: its adapters were merged
+        # into the base, and the RL adapters that later checkpoints hold apply to it.
+        _, model_id = _save_checkpoint(run_dir, 0, cfg, model, policy, tokenizer, optimizer,
+                                       scheduler, engine, tracker, d,
+                                       whole=bool(lora) and cfg.warm_start.steps > 0)
+        if d.main:
+            tracker.log_metrics(start, 0, model_id)
+            log.info("RL starts at eval accuracy %.3f (%d test problems)",
+                     start["eval/accuracy_rl_start"], len(task.test_examples[:cfg.trainer.eval_examples]))
     sampling = Sampling(n=algo.group_size, temperature=cfg.rollout.temperature,
                         top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
                         stop=task.stop)
     source = RolloutSource(task, tokenizer, engine, sampling)
     last_ckpt = ckpt.latest_checkpoint(run_dir)
     status = "FAILED"
+    # Steps done, their ETA, and the latest reward and accuracy; the step lines go above it.
+    run_bar = bar(cfg.trainer.progress and d.main, total=cfg.trainer.max_steps,
+                  initial=start_step, desc="RL", unit="step")
+    shown_bars = not run_bar.disable
     try:
-        for step in range(start_step + 1, cfg.trainer.max_steps + 1):
-            metrics, samples_table = train_step(step, cfg, source, policy, model, ref, algo,
-                                                optimizer, pad_id, d, correction)
-            scheduler.step()
-            if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 \
-                    or step == cfg.trainer.max_steps:
-                t0 = time.perf_counter()
-                metrics.update(evaluate(engine, task, tokenizer, cfg, d))
-                metrics["perf/eval_s"] = time.perf_counter() - t0
-            if d.main:
-                if tracker.log_metrics(metrics, step) and cfg.trainer.samples_every \
-                        and step % cfg.trainer.samples_every == 0:
-                    tracker.log_table(samples_table, f"samples/step_{step:06d}.json")
-                log.info(_step_line(step, cfg.trainer.max_steps, metrics))
-            every = cfg.trainer.checkpoint_every
-            stop = dd.all_reduce_max([float(_STOP["requested"])], d)[0] > 0  # all ranks agree
-            if (every and step % every == 0) or step == cfg.trainer.max_steps or stop:
-                last_ckpt = _save_checkpoint(run_dir, step, cfg, model, policy, tokenizer,
-                                             optimizer, scheduler, engine, tracker, d)
-            if stop and step < cfg.trainer.max_steps:
-                raise KeyboardInterrupt(f"stopped after step {step}")
+        with logging_redirect_tqdm(loggers=[log]) if shown_bars else contextlib.nullcontext():
+            for step in range(start_step + 1, cfg.trainer.max_steps + 1):
+                metrics, samples_table = train_step(step, cfg, source, policy, model, ref, algo,
+                                                    optimizer, pad_id, d, correction)
+                scheduler.step()
+                if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 \
+                        or step == cfg.trainer.max_steps:
+                    t0 = time.perf_counter()
+                    metrics.update(evaluate(engine, task, tokenizer, cfg, d))
+                    metrics["perf/eval_s"] = time.perf_counter() - t0
+                every = cfg.trainer.checkpoint_every
+                stop = dd.all_reduce_max([float(_STOP["requested"])], d)[0] > 0  # all ranks agree
+                model_id = None
+                if (every and step % every == 0) or step == cfg.trainer.max_steps or stop:
+                    last_ckpt, model_id = _save_checkpoint(run_dir, step, cfg, model, policy,
+                                                           tokenizer, optimizer, scheduler,
+                                                           engine, tracker, d)
+                if d.main:
+                    if tracker.log_metrics(metrics, step, model_id) and cfg.trainer.samples_every \
+                            and step % cfg.trainer.samples_every == 0:
+                        tracker.log_table(samples_table, f"samples/step_{step:06d}.json")
+                    log.info(_step_line(step, cfg.trainer.max_steps, metrics))
+                    run_bar.set_postfix_str(_bar_postfix(metrics), refresh=False)
+                    run_bar.update()
+                if stop and step < cfg.trainer.max_steps:
+                    raise KeyboardInterrupt(f"stopped after step {step}")
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
+        run_bar.close()
         engine.close()
         summary = _finish(tracker, cfg, run_dir, last_ckpt, status) if d.main else {
             "status": status, "run_dir": str(run_dir), "rank": d.rank}
     return summary
+
+
+def _load_policy(cfg, policy_cfg, run_dir: Path, state, device):
+    """The policy (with LoRA adapters when ``model.lora`` is set) and its tokenizer: the
+    configured model for a new run; the latest checkpoint when resuming (with LoRA: the
+    base, i.e. the RL start's whole weights if a warm start saved them, plus the saved
+    adapters)."""
+    lora = cfg.model.lora
+    adapters = None
+    if state is not None and lora_mod.has_adapters(policy_cfg.path):
+        adapters = policy_cfg.path
+        policy_cfg = _lora_base(cfg, run_dir)
+    policy, tokenizer = load_model(policy_cfg, dtype=cfg.hardware.param_dtype)
+    policy.to(device)
+    _set_attention(policy, cfg.hardware.attn_implementation)
+    if cfg.hardware.gradient_checkpointing:
+        checkpoint_layers(policy, dd.decoder_layers(policy))
+    if adapters is not None:
+        policy = lora_mod.load_adapters(policy, adapters)
+    elif lora:
+        policy = lora_mod.add_adapters(policy, lora)
+    return policy, tokenizer
+
+
+def _lora_base(cfg, run_dir: Path):
+    """The base a LoRA run's adapters apply to: the RL start's whole weights (saved as
+    step_000000 when a warm start merged its adapters in), else the configured model."""
+    start = Path(run_dir) / "checkpoints" / "step_000000" / "model"
+    if (start / "config.json").is_file():
+        return OmegaConf.create({"name": cfg.model.name, "source": "dir", "path": str(start)})
+    return cfg.model
+
+
+def _reference(cfg, algo, policy, run_dir: Path, state, device):
+    """The frozen policy RL started from, for the KL term: with LoRA the policy itself with
+    its adapters off; else a second model, the RL start (step_000000) when resuming."""
+    if lora_mod.is_lora(policy):
+        return lora_mod.AdapterOffLogprobs(GroupLogprobs(policy))
+    start = Path(run_dir) / "checkpoints" / "step_000000" / "model"
+    ref_cfg = cfg.model if state is None or not (start / "config.json").is_file() else \
+        OmegaConf.create({"name": cfg.model.name, "source": "dir", "path": str(start)})
+    if state is None and cfg.warm_start.steps > 0:
+        ref_cfg = None  # the warm-started policy itself, copied below
+    if ref_cfg is None:
+        import copy
+        ref_model = copy.deepcopy(policy)
+    else:
+        ref_model, _ = load_model(ref_cfg, dtype=cfg.hardware.param_dtype)
+        _set_attention(ref_model, cfg.hardware.attn_implementation)
+    return GroupLogprobs(ref_model.to(device).eval().requires_grad_(False))
+
+
+def sync_engine(engine, policy) -> None:
+    """Push the policy's weights to the engine (with LoRA: merged into the base's)."""
+    if getattr(engine, "shares_policy", False):
+        return  # the hf engine samples from the policy's own module
+    with lora_mod.engine_weights(policy) as named:
+        engine.update_weights(named)
 
 
 def resolve_correction(node, engine) -> dict | None:
@@ -541,11 +651,15 @@ def _set_attention(model, name: str | None) -> None:
 
 
 def _save_checkpoint(run_dir, step, cfg, model, policy, tokenizer, optimizer, scheduler,
-                     engine, tracker, d: dd.Dist):
-    """Every rank contributes (whole FSDP2 tensors are gathered); rank 0 writes."""
+                     engine, tracker, d: dd.Dist, whole: bool = False):
+    """Every rank contributes (whole FSDP2 tensors are gathered); rank 0 writes it and
+    registers it in MLflow as a logged model. Returns (its folder, the model id) on rank 0.
+    ``whole``: a LoRA policy is saved with its adapters merged in, as a plain model."""
     model_state, optim_state = dd.full_state_dicts(model, optimizer, d)
+    if whole:
+        policy, model_state = lora_mod.merged_model(policy), None
     ranks = dd.gather_objects({"rng": ckpt.rng_state(), "engine": engine.state_dict()}, d)
-    path = None
+    path = model_id = None
     if d.main:
         if model_state is not None:  # keys of GroupLogprobs(policy): drop its "model."
             model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
@@ -553,8 +667,11 @@ def _save_checkpoint(run_dir, step, cfg, model, policy, tokenizer, optimizer, sc
             run_dir, step, cfg, policy, tokenizer, optim_state, scheduler,
             {"mlflow_run_id": tracker.run_id, "ranks": ranks, "world_size": d.world},
             keep=cfg.trainer.keep_checkpoints, model_state=model_state)
+        if cfg.tracking.log_models:
+            model_id = tracker.log_checkpoint(step, path, {"algo": cfg.algo.name,
+                                                           "model": cfg.model.name})
     dd.barrier(d)
-    return path
+    return path, model_id
 
 
 def train_step(step, cfg, source: RolloutSource, policy, model, ref, algo, optimizer, pad_id,
@@ -586,7 +703,7 @@ def train_step(step, cfg, source: RolloutSource, policy, model, ref, algo, optim
         job_wide = update(model, ref, algo, samples, cfg, optimizer, pad_id, step, d, correction)
         engine.wake_up()
         t1 = time.perf_counter()
-        engine.update_weights(policy.named_parameters())
+        sync_engine(engine, policy)
         metrics["perf/weight_sync_s"] = time.perf_counter() - t1
         metrics["train/skipped_update"] = 0.0
     else:
@@ -661,6 +778,13 @@ def _lr_lambda(cfg):
     return factor
 
 
+def _bar_postfix(m: dict) -> str:
+    text = f"reward {m['train/reward_mean']:.2f} acc {m['train/accuracy']:.2f}"
+    if "eval/accuracy" in m:
+        text += f" eval acc {m['eval/accuracy']:.2f}"
+    return text
+
+
 def _step_line(step: int, total: int, m: dict) -> str:
     line = (f"step {step}/{total} | reward {m['train/reward_mean']:.3f} "
             f"acc {m['train/accuracy']:.2f} | distinct {m['train/distinct_completions']:.2f}"
@@ -728,10 +852,12 @@ def _command_line_overrides(saved: DictConfig) -> list[str]:
     return out
 
 
-def _make_tracker(cfg, run_dir: Path, state) -> Tracker:
+def _make_tracker(cfg, run_dir: Path, state, task) -> Tracker:
     uri = cfg.tracking.uri or default_tracking_uri(cfg.paths.outputs)
     if state is not None:
-        return Tracker(uri, cfg.tracking.experiment, run_id=state["mlflow_run_id"])
+        tracker = Tracker(uri, cfg.tracking.experiment, run_id=state["mlflow_run_id"])
+        tracker.start_system_metrics(cfg.tracking.system_metrics_interval, resume=True)
+        return tracker
     name = cfg.tracking.run_name or f"{cfg.algo.name}-{cfg.task.name}-{cfg.model.name}-seed{cfg.seed}"
     tags = {"nanovppo.run_dir": str(run_dir.resolve())}
     if HydraConfig.initialized():
@@ -745,6 +871,8 @@ def _make_tracker(cfg, run_dir: Path, state) -> Tracker:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     tracker.log_params(flatten(resolved))
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    tracker.log_datasets(task.datasets())
+    tracker.start_system_metrics(cfg.tracking.system_metrics_interval)
     return tracker
 
 
@@ -753,16 +881,21 @@ def _finish(tracker: Tracker, cfg, run_dir: Path, last_ckpt, status: str) -> dic
     rewards = [v for _, v in sorted(history)]
     first5 = float(np.mean(rewards[:5])) if rewards else float("nan")
     last5 = float(np.mean(rewards[-5:])) if rewards else float("nan")
+    accuracy = sorted(tracker.history("eval/accuracy"))  # (step, value), step 0: the RL start
     if rewards:
         png = _plot_rewards(tracker, run_dir)
         tracker.log_artifact(png)
     tracker.finish(status)
     summary = {"steps": len(rewards), "reward_first5": first5, "reward_last5": last5,
+               "eval_accuracy_rl_start": accuracy[0][1] if accuracy else None,
+               "eval_accuracy_last": accuracy[-1][1] if accuracy else None,
                "run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
                "mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "status": status}
+    acc_line = (f"; eval accuracy {accuracy[0][1]:.3f} at the RL start -> {accuracy[-1][1]:.3f}"
+                f" at step {accuracy[-1][0]}" if accuracy else "")
     log.info("\n".join([
         f"done ({status}): {summary['steps']} steps; train reward first-5 {first5:.3f} -> "
-        f"last-5 {last5:.3f}",
+        f"last-5 {last5:.3f}{acc_line}",
         f"  run folder:  {run_dir}",
         f"  checkpoint:  {summary['checkpoint']}",
         f"  MLflow run:  {tracker.run_id} (experiment {cfg.tracking.experiment!r})",

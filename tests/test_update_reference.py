@@ -53,6 +53,8 @@ def scripted_samples(vocab: int, per_token: bool) -> list[Sample]:
             completion = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 7))]
             adv = ([rng.uniform(-1, 1) for _ in completion] if per_token
                    else rng.choice([-1.0, -0.5, 0.5, 1.0]))
+            if g == 1:  # a group whose samples all scored the same: no signal
+                adv = [0.0] * len(completion) if per_token else 0.0
             # the tiny random model gives every token ~log(1 / 49152) = -10.8
             engine = [rng.uniform(-11.6, -10.0) for _ in completion]
             out.append(Sample(prompt, completion, adv, rng.uniform(0, 1), truncated=(g == 3 and j == 1),
@@ -116,6 +118,7 @@ def plain_update(model, ref, algo, samples, cfg, step, correction, autocast):
 CASES = [  # algo, extra overrides, mismatch correction
     ("grpo", [], "tis"),
     ("dapo", [], "off"),
+    ("dapo-no-kl", ["algo=dapo", "algo.kl_coef=0.0"], "off"),  # zero-advantage samples skipped
     ("gspo", ["algo.clip_low=0.01", "algo.clip_high=0.01"], "off"),
     ("cispo", [], "mis"),
     ("vppo", [], "off"),
@@ -134,7 +137,7 @@ RUNS = ([(*c, "float32", 2) for c in CASES]
 @pytest.mark.parametrize("name,extra,correction,dtype,passes", RUNS,
                          ids=[f"{r[0]}-{r[3]}-{r[4]}x{r[4]}" for r in RUNS])
 def test_update_matches_a_plain_reference(tiny, name, extra, correction, dtype, passes):
-    cfg = compose_cfg([*TINY, f"algo={name}", f"algo.ppo_epochs={passes}",
+    cfg = compose_cfg([*TINY, f"algo={name.split('-')[0]}", f"algo.ppo_epochs={passes}",
                        f"algo.num_minibatches={passes}",
                        "algo.kl_coef=0.1", "trainer.micro_batch_size=2",
                        "trainer.logprob_chunk_rows=1", "rollout.temperature=0.7",
@@ -177,3 +180,7 @@ def test_update_matches_a_plain_reference(tiny, name, extra, correction, dtype, 
         assert (want["train/kl"] > 0) is algo.kl_in_loss  # REINFORCE++: the KL is in the reward
     if correction != "off":
         assert got["train/mismatch_corrected_frac"] > 0
+    # without a KL term the group with zero advantages (1 of 4) is not forwarded at all
+    # (REINFORCE++'s folded KL gives it advantages; RFT imitates every sample)
+    skips = not algo.kl_in_loss and not getattr(algo, "kl_in_reward", False) and name != "rft"
+    assert got["train/skipped_samples_frac"] == (0.25 if skips else 0.0)

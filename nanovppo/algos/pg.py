@@ -81,6 +81,15 @@ class PolicyGradient:
         """Whether the loss has a KL term (REINFORCE++ puts its KL in the reward instead)."""
         return self.kl_coef > 0
 
+    def carries_gradient(self, sample) -> bool:
+        """False when the sample's loss is exactly 0 whatever the policy: no KL term and an
+        advantage of 0 on every token (every surrogate here is proportional to A). The
+        trainer then skips its forward and backward."""
+        if self.kl_in_loss:
+            return True
+        adv = sample.advantage
+        return any(a != 0 for a in adv) if isinstance(adv, list) else adv != 0
+
     def loss_temperature(self, sampling_temperature: float) -> float:
         """The ratio compares the policy with the distribution that sampled: log-probs are
         taken at the sampling temperature."""

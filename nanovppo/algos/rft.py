@@ -85,6 +85,10 @@ class RFT:
 
     kl_in_loss = uses_reference
 
+    def carries_gradient(self, sample) -> bool:
+        """Every kept sample is imitated."""
+        return True
+
     def loss_temperature(self, sampling_temperature: float) -> float:
         """Supervised fine-tuning: the policy's own distribution, at temperature 1."""
         return 1.0

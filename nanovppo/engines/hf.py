@@ -18,11 +18,12 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from nanovppo.engines.base import Completion, Sampling, full_tensor
+from nanovppo.lora import is_lora, merged_model
 from nanovppo.models import to_dtype
+from nanovppo.progress import bar
 
 
 def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
@@ -59,8 +60,9 @@ class HFEngine:
         self.shares_policy = not copy_model and (dtype is None or to_dtype(dtype) == policy_dtype)
         if self.shares_policy:
             self.model = model
-        else:
-            self.model = copy.deepcopy(model).to(to_dtype(dtype) if dtype else policy_dtype)
+        else:  # with LoRA the copy is the merged model; update_weights sends merged weights
+            self.model = (merged_model(model) if is_lora(model) else copy.deepcopy(model)).to(
+                to_dtype(dtype) if dtype else policy_dtype)
             self.model.requires_grad_(False)
             if attn_implementation:
                 self.model.config._attn_implementation = attn_implementation
@@ -173,10 +175,11 @@ class HFEngine:
 
         greedy = sp.temperature == 0
         temperature = 1.0 if greedy else sp.temperature
-        bar = tqdm(total=sp.max_new_tokens, desc="rollout", unit="tok", leave=False,
-                   disable=not self.progress)
+        # Counts the tokens generated (one per sequence still running at each decoding
+        # step), so its rate is tokens per second.
+        generated = bar(self.progress, desc="rollout", unit="tok", leave=False)
         for step in range(sp.max_new_tokens):
-            bar.update()
+            generated.update(len(alive))
             logp = F.log_softmax(logits.float() / temperature, dim=-1)     # [b, V]
             if greedy:
                 tok = logp.argmax(-1)                                      # [b]
@@ -204,7 +207,7 @@ class HFEngine:
                                     position_ids=last_pos[:, None], past_key_values=cache,
                                     use_cache=True).logits[:, -1]
 
-        bar.close()
+        generated.close()
         out = []
         for p, prompt in enumerate(prompts):
             group = []

@@ -60,6 +60,7 @@ from typing import Iterable
 
 import torch
 
+from nanovppo.lora import merged_model
 from nanovppo.engines.base import Completion, Sampling, full_tensor
 from nanovppo.errors import ConfigError, NanovppoError
 from nanovppo.models import to_dtype
@@ -282,6 +283,7 @@ class SGLangEngine:
 
     @torch.no_grad()
     def _save_policy(self, model, tokenizer) -> None:
+        model = merged_model(model)  # with LoRA: the adapters folded into a plain model
         state = None
         if next(model.parameters()).dtype != self.dtype:
             # A converted copy, one per storage so that tied weights stay tied; the policy

@@ -37,7 +37,9 @@ import torch
 
 from nanovppo.engines.base import Completion, Sampling, full_tensor
 from nanovppo.errors import ConfigError
+from nanovppo.lora import engine_weights, is_lora, merged_model
 from nanovppo.models import to_dtype
+from nanovppo.progress import shown
 
 log = logging.getLogger(__name__)
 
@@ -117,18 +119,22 @@ class VLLMEngine:
                        tensor_parallel_size=tensor_parallel_size, max_num_seqs=max_num_seqs,
                        enforce_eager=enforce_eager, logprobs_mode="processed_logprobs",
                        **kwargs)
-        # The folder may hold older weights (e.g. resuming): start from the policy's own.
-        self.update_weights(model.named_parameters())
+        # The folder may hold older weights (e.g. resuming): start from the policy's own
+        # (with LoRA: merged into the base's weights).
+        with engine_weights(model) as named:
+            self.update_weights(named)
 
     @staticmethod
     def _model_folder(model, tokenizer) -> tuple[Path, Path | None]:
         """A folder vLLM can load the policy's architecture and tokenizer from."""
         own = Path(str(getattr(model, "name_or_path", "") or ""))
+        if is_lora(model):  # the folder must hold the merged weights, not the base's
+            own = Path("")
         if (own / "config.json").is_file() and (own / "tokenizer_config.json").is_file() \
                 and any(own.glob("*.safetensors")):
             return own, None
         tmp = Path(tempfile.mkdtemp(prefix="nanovppo-vllm-"))
-        model.save_pretrained(tmp)
+        merged_model(model).save_pretrained(tmp)  # with LoRA: a plain model folder
         tokenizer.save_pretrained(tmp)
         return tmp, tmp
 
@@ -150,7 +156,7 @@ class VLLMEngine:
                                  skip_special_tokens=True)
                   for b in budgets]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-                                 params, use_tqdm=self.progress)
+                                 params, use_tqdm=shown(self.progress))
         groups = []
         for prompt, out in zip(prompts, outs):
             group = []

@@ -61,6 +61,10 @@ class Task:
         self.prefill = prefill
         self.train_examples: list[dict] = []
         self.test_examples: list[dict] = []
+        # Where the examples came from, for the run's dataset inputs in MLflow: a source
+        # type (code | hugging_face | local) and its description; subclasses set it.
+        self.data_source: tuple[str, dict] = (
+            "code", {"task": f"{type(self).__module__}.{type(self).__qualname__}"})
 
     def messages(self, example: dict) -> list[dict[str, str]]:
         msgs = []
@@ -68,6 +72,13 @@ class Task:
             msgs.append({"role": "system", "content": self.system_prompt})
         msgs.append({"role": "user", "content": self.user_template.format(**example)})
         return msgs
+
+    def datasets(self) -> dict[str, dict]:
+        """The training and test sets as MLflow dataset inputs describe them."""
+        kind, source = self.data_source
+        return {context: {"name": f"{self.name}-{context}", "rows": rows, "source_type": kind,
+                          "source": source}
+                for context, rows in (("train", self.train_examples), ("test", self.test_examples))}
 
     def prompt_text(self, example: dict) -> str | None:
         """The prompt as plain text, for a model without a chat template; None (the

@@ -189,10 +189,14 @@ class CountdownTask(Task):
         self.shaping = shaping_weights(shaping, SHAPING, "task.shaping")
         if source == "generate":
             g = dict(generate or {})
+            settings = {"counts": list(g.get("counts", (3, 4))), "low": g.get("low", 1),
+                        "high": g.get("high", 20), "max_target": g.get("max_target", 100)}
             self.train_examples, self.test_examples = generate_examples(
-                n_train, n_test, seed, counts=tuple(g.get("counts", (3, 4))),
-                low=g.get("low", 1), high=g.get("high", 20),
-                max_target=g.get("max_target", 100))
+                n_train, n_test, seed, counts=tuple(settings["counts"]), low=settings["low"],
+                high=settings["high"], max_target=settings["max_target"])
+            self.data_source = ("code", {"generator": f"{__name__}.generate_examples",
+                                         "seed": seed, "n_train": n_train, "n_test": n_test,
+                                         **settings})
         elif source in ("hub", "file"):
             rows = load_records(hub_id if source == "hub" else None,
                                 data_files if source == "file" else None, "train",
@@ -201,6 +205,8 @@ class CountdownTask(Task):
                     for r in rows]
             random.Random(seed).shuffle(rows)
             self.train_examples, self.test_examples = split_rows(rows, n_test, n_train)
+            self.data_source = (("hugging_face", {"path": hub_id, "split": "train"}) if source == "hub"
+                                else ("local", {"uri": str(data_files)}))
         else:
             raise ConfigError(f"task.source must be generate, hub or file, not {source!r}")
 

@@ -144,6 +144,10 @@ class MathTask(_AnswerTask):
         else:
             test = None
         self._finish_loading(self._prepare(train), test, test_from_train)
+        self.data_source = (("local", {"uri": str(data_files), "test_uri": str(test_files)})
+                            if data_files else
+                            ("hugging_face", {"path": hub_id, "configs": list(hub_configs or []),
+                                              "test_path": test_hub_id or hub_id}))
 
     def gold_of(self, row: dict) -> str | None:
         answer = row.get(self.answer_field) if self.answer_field else None
@@ -192,6 +196,8 @@ class GSM8KTask(_AnswerTask):
             test = self._prepare(_load_split(hub_id if not data_files else None, configs,
                                              test_files, "test", required))
         self._finish_loading(self._prepare(train), test, test_from_train)
+        self.data_source = (("local", {"uri": str(data_files), "test_uri": str(test_files)})
+                            if data_files else ("hugging_face", {"path": hub_id, "config": hub_config}))
 
     def _example(self, row: dict) -> dict | None:
         answer = str(row[self.answer_field])
