@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nanovppo import distributed as dd  # noqa: E402
+from nanovppo import lora  # noqa: E402
 from nanovppo.logprobs import GroupLogprobs, checkpoint_layers  # noqa: E402
 from nanovppo.models import load_model  # noqa: E402
 from nanovppo.rollout import Sample  # noqa: E402
@@ -50,7 +51,11 @@ def main(out: str, strategy: str, overrides: list[str]) -> None:
     policy, tok = load_model(cfg.model, dtype="float32")
     algo = instantiate(cfg.algo)
     ref = None
-    if algo.kl_coef > 0:
+    if cfg.model.lora:  # the adapters train; the reference is the policy with them off
+        policy = lora.add_adapters(policy, cfg.model.lora)
+        if algo.kl_coef > 0:
+            ref = lora.AdapterOffLogprobs(GroupLogprobs(policy))
+    elif algo.kl_coef > 0:
         ref_model, _ = load_model(cfg.model, dtype="float32")
         ref = GroupLogprobs(ref_model.requires_grad_(False))
     initial = {k: v.clone() for k, v in policy.state_dict().items()}
@@ -59,7 +64,7 @@ def main(out: str, strategy: str, overrides: list[str]) -> None:
     model = dd.wrap(GroupLogprobs(policy), strategy, d, "cpu")
     # Plain SGD: its step is proportional to the gradient, so a gradient off by a factor
     # (e.g. a wrong world-size scaling) shows; Adam's first step would hide it.
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     # The trainer numbers a rank's groups 0, 1, ... (its share of the step's prompts).
     samples = [replace(s, group=s.group // d.world)
                for s in fixed_samples(policy.config.vocab_size) if s.group % d.world == d.rank]

@@ -66,6 +66,25 @@ def test_two_ranks_on_half_the_batch_match_one_process_on_all_of_it(tmp_path, st
         assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-4, abs=1e-6), key
 
 
+LORA = ["model.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj]}"]
+
+
+def test_lora_under_ddp_takes_the_one_process_step_and_moves_only_adapters(tmp_path):
+    """LoRA adapters under DDP (the KL reference: the same module, adapters off): two ranks
+    on half the batch each end where one process on all of it does, and only lora_*
+    parameters change (B starts at 0, so the first of HARD's four optimizer steps moves only
+    B; the later ones move A too), never a base weight."""
+    one = run_update(tmp_path, "ddp", 1, [*HARD, *LORA])
+    two = run_update(tmp_path, "ddp", 2, [*HARD, *LORA])
+    moved = {k for k in one["params"] if (one["params"][k] - one["initial"][k]).abs().max() > 0}
+    assert moved and all(".lora_" in k for k in moved), sorted(moved)[:5]
+    assert any("lora_B" in k for k in moved)
+    assert max_param_diff(one["params"], one["initial"]) > 1e-3
+    assert max_param_diff(one["params"], two["params"]) < 1e-5
+    for key in ("train/loss", "train/kl"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-4, abs=1e-6), key
+
+
 # -- the command line under torchrun --------------------------------------------------
 
 def launch(script: str, tmp_path: Path, run_dir: Path, overrides, extra_env=None, wait=True):

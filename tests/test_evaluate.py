@@ -78,3 +78,4 @@ def test_evaluate_a_trained_run_by_checkpoint_and_by_run_id(tmp_path):
     assert bad.returncode == 2 and "no such MLflow run" in bad.stderr
     bad = run_eval(tmp_path, *base, "eval.n=4", check=False)
     assert bad.returncode == 2 and "temperature" in bad.stderr
+
