@@ -75,7 +75,7 @@ def test_gsm8k_accepts_only_what_math_verify_accepts():
 def test_normalize_and_parse_number_by_hand():
     assert normalize(" \\left( 1,000 \\right) ") == "(1,000)"  # not a number: kept as text
     assert normalize("1,000") == "1000" and normalize("12.00") == "12"
-    assert normalize("12,34") == "12,34" and normalize("3, 5") == "3,5"
+    assert normalize("12,34") == "12,34" and normalize("3, 5") == "3, 5"
     assert normalize("\\dfrac{1}{2}") == "\\frac{1}{2}"
     assert normalize("5\\text{ cm}") == "5" and normalize("\\text{ cm}") == "\\text{cm}"
     assert normalize("\\text{odd or even}") == "\\text{odd or even}"

@@ -104,7 +104,9 @@ def normalize(answer: str) -> str:
                  ("tfrac", "frac"), ("^\\circ", ""), ("^{\\circ}", ""), ("\\$", "")]:
         s = s.replace(a, b)
     s = re.sub(r"\s+", " ", s).strip()
-    s = re.sub(r"(?<![A-Za-z]) | (?![A-Za-z])", "", s)  # a space only between two letters
+    # A space stays between two letters and after a comma ("32, 349" is a list of two
+    # numbers for math-verify, not 32349); any other space goes.
+    s = re.sub(r"(?<!,)(?:(?<![A-Za-z]) | (?![A-Za-z]))", "", s)
     unit = _UNIT.search(s)
     if unit and _NUMBER.fullmatch(s[:unit.start()]):  # units only after a value
         s = s[:unit.start()]
