@@ -110,7 +110,7 @@ def run_nanovppo(dtype: str, new_tokens: int, steps: int, variant: str = "nanovp
                        f"model.cache_dir={ROOT}/outputs/cache/models", *VARIANTS[variant]])
     import nanovppo.train as nt
 
-    nt._save_checkpoint = lambda *a, **k: None  # not part of a training step's work
+    nt._checkpoint = lambda *a, **k: (None, None)  # not part of a training step's work
     summary = train(cfg, run_dir=Path(tmp) / "run")
     c = MlflowClient(summary["tracking_uri"])
     hist = lambda k: [m.value for m in sorted(c.get_metric_history(summary["mlflow_run_id"], k),  # noqa: E731

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from nanovppo.engines.base import Sampling
 from nanovppo.models import load_model
 from nanovppo.rollout import RolloutSource
-from nanovppo.train import CONF_DIR
+from nanovppo.config import CONF_DIR
 
 
 def main() -> None:

@@ -2,13 +2,20 @@
 
 ``<run dir>/checkpoints/step_000010/`` holds the model and tokenizer in HF format
 (``model/``), the optimizer, scheduler and RNG states, the step and the MLflow run id
-(``state.pt``; RNG and engine states one per rank), and the resolved config (``config.yaml``). A checkpoint is written to a
-temporary folder and renamed into place, so a crash while saving never leaves a partial
-one that a resume would pick up.
+(``state.pt``; RNG and engine states one per rank), the resolved config (``config.yaml``)
+and the size of every file (``manifest.json``). A checkpoint is written to a temporary
+folder, flushed to disk (fsync) and only then renamed into place, so neither a crash while
+saving nor a power loss after it leaves a partial one under a checkpoint's name. A resume
+still checks the checkpoint it reads (``latest_intact``): a file that was cut short or does
+not load (a full disk, a lost write, a copy gone wrong) makes it fall back to the newest
+checkpoint before it that is whole, and say so.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import random
 import re
 import shutil
@@ -19,6 +26,9 @@ import torch
 from omegaconf import OmegaConf
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
+
+log = logging.getLogger("nanovppo")
 
 
 def rng_state() -> dict:
@@ -48,14 +58,92 @@ def save_checkpoint(run_dir: str | Path, step: int, cfg, model, tokenizer, optim
                 "scheduler": scheduler.state_dict(), **extra},
                tmp / "state.pt")
     OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
+    sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
+             if p.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps(sizes, indent=1))
+    _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    _fsync_dir(root)  # the rename itself
     if keep > 0:  # the RL start (step 0) is kept too: resume and evaluation read it
         for old in list_checkpoints(run_dir)[:-keep]:
             if old.name != "step_000000":
                 shutil.rmtree(old)
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root``, then the folders that name them."""
+    folders = [root]
+    for p in sorted(root.rglob("*")):
+        if p.is_dir():
+            folders.append(p)
+        elif p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for folder in folders:
+        _fsync_dir(folder)
+
+
+def load_intact(path: str | Path) -> tuple[dict | None, str | None]:
+    """(``state.pt``'s contents, None) if the checkpoint at ``path`` is whole; else (None,
+    what is wrong with it): a file missing or of another size than when it was written, a
+    ``state.pt`` or weights file that does not load. Reads every tensor of the weights
+    (about a second for a 135M-parameter model)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    manifest = path / MANIFEST
+    if manifest.is_file():  # checkpoints written before manifests existed skip this check
+        try:
+            sizes = json.loads(manifest.read_text())
+        except (OSError, ValueError) as e:
+            return None, f"{MANIFEST} does not load ({e})"
+        for name, size in sizes.items():
+            f = path / name
+            if not f.is_file():
+                return None, f"{name} is missing"
+            if f.stat().st_size != size:
+                return None, f"{name} holds {f.stat().st_size} bytes, {size} were written"
+    weights = sorted((path / "model").glob("*.safetensors"))
+    if not weights:
+        return None, "model/ holds no *.safetensors weights"
+    for w in weights:
+        try:
+            with safe_open(str(w), framework="pt") as f:
+                for key in f.keys():
+                    f.get_tensor(key)
+        except Exception as e:  # noqa: BLE001 - any failure to load is damage
+            return None, f"model/{w.name} does not load ({_first_line(e)})"
+    try:
+        return load_state(path), None
+    except Exception as e:  # noqa: BLE001
+        return None, f"state.pt does not load ({_first_line(e)})"
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def latest_intact(run_dir: str | Path) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint of ``run_dir`` that is whole and its state; each newer damaged
+    one is named in a warning with what is wrong with it."""
+    for path in reversed(list_checkpoints(run_dir)):
+        state, why = load_intact(path)
+        if why is None:
+            return path, state
+        log.warning("checkpoint %s is damaged: %s; trying the one before it", path, why)
+    return None, None
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -11,12 +11,27 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from nanovppo.errors import ConfigError, NanovppoError
+
+# The config tree (conf/config.yaml and its groups) that every entry point composes.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def target_parameters(target: str) -> tuple[set[str], set[str], bool]:

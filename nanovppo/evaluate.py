@@ -23,7 +23,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 from hydra.errors import InstantiationException
-from nanovppo.config import build
+from nanovppo.config import CONF_DIR, build, seed_everything
 from omegaconf import DictConfig, OmegaConf
 
 from nanovppo import checkpoint as ckpt
@@ -34,7 +34,6 @@ from nanovppo.models import load_model
 from nanovppo.progress import bar
 from nanovppo.rollout import RolloutSource
 from nanovppo.tracking import Tracker, checkpoint_of_model, default_tracking_uri, flatten
-from nanovppo.train import CONF_DIR, seed_everything
 
 log = logging.getLogger("nanovppo")
 

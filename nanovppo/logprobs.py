@@ -391,3 +391,32 @@ class GroupLogprobs(torch.nn.Module):
                 with_entropy: bool = False):
         return group_logprobs(self.model, batch, temperature, chunk_rows, with_entropy,
                               self.split_backward)
+
+
+class PlainLogprobs(torch.nn.Module):
+    """The plain path (``trainer.fast: false``): the same inputs and outputs as
+    ``GroupLogprobs``, computed the way a textbook would. Every completion is run with its
+    own copy of its prompt through the whole model (``model(...).logits``), the
+    full-vocabulary log-softmax is taken at every completion position, and autograd
+    differentiates all of it. Slower and hungrier ([B, C, vocab] float32 logits), and easy
+    to check by eye."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: GroupBatch, temperature: float = 1.0, chunk_rows: int = 4,
+                with_entropy: bool = False):
+        pids, pmask, cids, cmask, index = batch
+        ids = torch.cat([pids[index], cids], dim=1)                         # [B, P + C]
+        attn = torch.cat([pmask[index], cmask.long()], dim=1)               # [B, P + C]
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=ids, attention_mask=attn, position_ids=positions).logits
+        P = pids.shape[1]
+        logits = logits[:, P - 1:-1].float() / temperature                  # [B, C, V]
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(-1, cids[..., None])[..., 0] * cmask         # [B, C]
+        if not with_entropy:
+            return logp
+        entropy = -(logp_all.exp() * logp_all).sum(-1) * cmask              # [B, C]
+        return logp, entropy.detach()

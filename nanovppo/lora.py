@@ -84,9 +84,9 @@ def engine_weights(policy):
 
 def merged_model(policy) -> torch.nn.Module:
     """A plain transformers model with the adapters folded in (the policy is unchanged)."""
-    import copy
+    from nanovppo.models import frozen_copy
 
-    return copy.deepcopy(policy).merge_and_unload() if is_lora(policy) else policy
+    return frozen_copy(policy).merge_and_unload() if is_lora(policy) else policy
 
 
 class AdapterOffLogprobs(torch.nn.Module):

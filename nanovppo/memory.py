@@ -14,15 +14,18 @@ defaults cost a trainer dearly:
   ``release_free_memory`` hands the free pages back; the trainer calls it between phases,
   not inside the update, where the same shapes come back every micro-batch.
 
+The trainer wraps each phase of a step in ``phase``: freed pages go back when it ends.
 ``hardware.low_memory: true`` chooses the other side of the trade during the update, where
 memory peaks: glibc's mapping of big blocks (unmapped as soon as they are freed) and a trim
-after every micro-batch.
+after every micro-batch. With ``trainer.fast: false`` none of this happens (glibc's
+defaults throughout).
 
 Both are no-ops where the C library is not glibc.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 
@@ -58,3 +61,31 @@ def release_free_memory() -> None:
     """Give the pages of freed blocks back to the operating system (``malloc_trim``)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+class _Phase:
+    def __init__(self, low: bool):
+        self.low = low
+
+    def trim(self) -> None:
+        """Inside a low-memory phase: give freed pages back now (e.g. after a micro-batch)."""
+        if self.low:
+            release_free_memory()
+
+
+@contextlib.contextmanager
+def phase(on: bool = True, low: bool = False):
+    """A phase of a training step (rollout, experience, update). When it ends, the pages it
+    freed go back to the OS. ``low``: during the phase, big blocks are mapped and unmapped
+    (glibc's defaults) and ``trim()`` hands pages back at once. ``on=False``: nothing."""
+    if not on:
+        yield _Phase(False)
+        return
+    if low:
+        keep_freed_memory(False)
+    try:
+        yield _Phase(low)
+    finally:
+        release_free_memory()
+        if low:
+            keep_freed_memory()  # back to reusing freed pages for the rest of the step

@@ -6,6 +6,7 @@ first load writes a plain safetensors copy into ``cache_dir`` and later loads re
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
@@ -24,6 +25,12 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 class ModelNotFoundError(NanovppoError):
     """The configured model cannot be found or reached."""
+
+
+def frozen_copy(model) -> torch.nn.Module:
+    """A deep copy of ``model`` that does not train (the KL reference; a LoRA policy's
+    copy to merge its adapters into)."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def to_dtype(name: str) -> torch.dtype:

@@ -21,6 +21,8 @@ from typing import Iterable
 
 import torch
 
+from nanovppo.errors import ConfigError
+
 CHUNK = 1 << 21  # elements computed in fp32 at a time (bounds the temporaries to ~40 MB)
 
 
@@ -149,3 +151,23 @@ class StochasticAdamW(torch.optim.Optimizer):
                 stochastic_round_(pc, w, gen, work["noise"])
             else:  # fp32: exact (fp16 would round to nearest)
                 pc.copy_(w)
+
+
+def lr_factor(warmup: int, total: int, kind: str):
+    """The learning rate's multiplier after ``done`` optimizer steps (for ``LambdaLR``):
+    ``warmup`` steps rising linearly from 0, then constant, cosine (down to 10% at
+    ``total``) or linear (down to 0 at ``total``)."""
+    if kind not in ("constant", "cosine", "linear"):
+        raise ConfigError(f"trainer.lr_schedule={kind!r}; use constant, cosine or linear")
+
+    def factor(done: int) -> float:
+        if warmup and done < warmup:
+            return (done + 1) / warmup
+        progress = min(1.0, (done - warmup) / max(1, total - warmup))
+        if kind == "cosine":
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        if kind == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return factor

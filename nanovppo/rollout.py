@@ -25,6 +25,10 @@ class Sample:
     truncated: bool
     group: int  # index of the prompt this completion answers
     engine_logprobs: list[float] | None = None
+    # Set by the update: the completion's log-probs [C] under the policy that sampled it
+    # (None: the current policy's, when it has not moved) and under the KL reference.
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
 
 
 @dataclass
@@ -81,11 +85,19 @@ def render_prompt(task, tokenizer, example: dict) -> list[int]:
 
 class RolloutSource:
     """Samples and scores groups of completions; algorithms call it for more when needed
-    (DAPO's dynamic sampling) and for continuations of partial responses (VinePPO)."""
+    (DAPO's dynamic sampling) and for continuations of partial responses (VinePPO).
 
-    def __init__(self, task, tokenizer, engine, sampling: Sampling):
+    ``more_examples(step, k, call)``, given once here, returns ``k`` training examples not
+    yet used at ``step`` for the ``call``-th refill of that step (1, 2, ...); None: the
+    source has no more (``more`` returns None). ``begin(step)`` starts a step's count."""
+
+    def __init__(self, task, tokenizer, engine, sampling: Sampling, more_examples=None):
         self.task, self.tokenizer, self.engine, self.sampling = task, tokenizer, engine, sampling
-        self.extra_examples = None  # set by the trainer: a function k -> k more examples
+        self.more_examples = more_examples
+        self.step, self.refills = 0, 0
+
+    def begin(self, step: int) -> None:
+        self.step, self.refills = step, 0
 
     def collect(self, examples: list[dict]) -> Rollouts:
         prompts = [render_prompt(self.task, self.tokenizer, ex) for ex in examples]
@@ -94,9 +106,10 @@ class RolloutSource:
 
     def more(self, k: int) -> Rollouts | None:
         """Rollouts of ``k`` prompts not yet used this step, or None if there is no source."""
-        if self.extra_examples is None:
+        if self.more_examples is None:
             return None
-        return self.collect(self.extra_examples(k))
+        self.refills += 1
+        return self.collect(self.more_examples(self.step, k, self.refills))
 
     def score_text(self, completion_text: str, example: dict) -> float:
         return self.task.reward(self.task.prefill + completion_text, example).total

@@ -21,10 +21,12 @@ import time
 
 from nanovppo import distributed as dd
 from nanovppo.algos.rft import RFT
+from nanovppo.batching import examples_for_step
 from nanovppo.errors import ConfigError
 from nanovppo.optim import adamw
 from nanovppo.progress import bar
 from nanovppo.rollout import Sample, render_prompt
+from nanovppo.update import update
 
 log = logging.getLogger("nanovppo")
 
@@ -52,8 +54,6 @@ def warm_start(cfg, task, tokenizer, model, tracker, d: dd.Dist) -> dict:
     """Run ``cfg.warm_start.steps`` supervised steps on the policy (``model`` is its
     ``GroupLogprobs`` wrapper, possibly DDP-wrapped) and return the stage's metrics. It runs
     before the rollout engine is built, so the engine starts from the warm-started weights."""
-    from nanovppo.train import examples_for_step, update  # the trainer's own pieces
-
     ws = cfg.warm_start
     pairs = demonstrations(task)
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=ws.lr, betas=tuple(cfg.trainer.adam_betas),

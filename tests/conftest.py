@@ -5,7 +5,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from nanovppo.train import CONF_DIR
+from nanovppo.config import CONF_DIR
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

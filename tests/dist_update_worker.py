@@ -23,7 +23,7 @@ from nanovppo import lora  # noqa: E402
 from nanovppo.logprobs import GroupLogprobs, checkpoint_layers  # noqa: E402
 from nanovppo.models import load_model  # noqa: E402
 from nanovppo.rollout import Sample  # noqa: E402
-from nanovppo.train import update  # noqa: E402
+from nanovppo.update import update  # noqa: E402
 from tests.conftest import TINY, compose_cfg  # noqa: E402
 
 # Group g has GROUP_SIZES[g] completions; with two ranks rank 0 gets groups 0, 2, 4 and

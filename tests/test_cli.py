@@ -50,7 +50,8 @@ def test_two_steps_log_a_run_with_metrics_and_a_checkpoint(tmp_path):
     assert run.data.params["model.name"] == "tiny-random"
     for key in ["train/reward_mean", "train/accuracy", "train/shaping/format_mean",
                 "train/shaping/numbers_mean", "train/distinct_completions",
-                "train/distinct_answers", "eval/accuracy", "train/entropy",
+                "train/distinct_answers", "train/frac_reward_zero_std",
+                "train/frac_mixed_correct", "eval/accuracy", "train/entropy",
                 "train/grad_norm", "train/lr", "train/clip_frac", "train/response_length",
                 "perf/rollout_s", "perf/update_s", "perf/gen_tokens_per_s", "eval/reward_mean"]:
         assert key in run.data.metrics, key
@@ -77,6 +78,42 @@ def test_resume_continues_the_same_mlflow_run(tmp_path):
     assert sorted(m.step for m in history) == [1, 2, 3, 4], "no step logged twice or lost"
     assert runs[0].info.status == "FINISHED"
     assert (run_dir / "checkpoints" / "step_000004" / "state.pt").is_file()
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_on_resume(tmp_path):
+    """Steps 1-4 with checkpoints at 2 and 4; step 4's weights are cut to half their size
+    (a full disk). The resume names step_000004 as damaged, continues from step_000002
+    into the same MLflow run, and ends with a whole step_000004."""
+    run_cli(tmp_path, "trainer.max_steps=4", "trainer.checkpoint_every=2")
+    c, runs = only_run(tmp_path)
+    run_dir = Path(runs[0].data.tags["nanovppo.run_dir"])
+    weights = run_dir / "checkpoints" / "step_000004" / "model" / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)
+    proc = run_cli(tmp_path, f"resume={run_dir}", "trainer.max_steps=5")
+    err = proc.stdout + proc.stderr
+    assert "step_000004 is damaged: model/model.safetensors holds" in err, err[-3000:]
+    assert "resuming from step_000002" in err, err[-3000:]
+    assert "Traceback" not in proc.stderr
+    c, runs = only_run(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = sorted(m.step for m in c.get_metric_history(runs[0].info.run_id,
+                                                           "train/reward_mean"))
+    assert steps == [1, 2, 3, 4, 5]
+    assert weights.stat().st_size == size  # step 4 written again, whole
+
+
+def test_all_checkpoints_damaged_is_a_clear_error(tmp_path):
+    run_cli(tmp_path, "trainer.max_steps=1")
+    c, runs = only_run(tmp_path)
+    run_dir = Path(runs[0].data.tags["nanovppo.run_dir"])
+    for state in (run_dir / "checkpoints").glob("step_*/state.pt"):
+        state.write_bytes(b"not a pickle")
+    proc = run_cli(tmp_path, f"resume={run_dir}", check=False)
+    assert proc.returncode == 2
+    assert "checkpoints under" in proc.stderr and "are damaged" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_bf16_weights_with_checkpointed_layers_train_and_resume(tmp_path, monkeypatch):

@@ -5,16 +5,12 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from nanovppo.train import CONF_DIR
+from nanovppo.config import CONF_DIR
 from tests.conftest import compose_cfg
 
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml"))
           for g in Path(CONF_DIR).iterdir() if g.is_dir()}
 OPTIONS = [(g, o) for g, opts in sorted(GROUPS.items()) for o in opts]
-
-
-def test_the_documented_groups_exist():
-    assert {"algo", "model", "task", "hardware", "inference_backend"} <= set(GROUPS)
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -36,8 +32,6 @@ def test_each_option_composes_and_resolves(group, option, tmp_path):
                      "test_files": str(fixtures / f"{option}_test.jsonl")}
         task = instantiate(cfg.task, n_train=10, n_test=2, **local)
         assert task.train_examples and task.test_examples
-    if group == "model":
-        assert cfg.model.source in ("hub", "dir", "gguf", "tiny_random")
 
 
 def test_a_malformed_override_is_a_clear_error(tmp_path):
@@ -78,7 +72,7 @@ def test_two_gpu_sglang_puts_the_server_on_the_second_gpu():
 def test_slurm_selects_the_submitit_launcher():
     from hydra import compose, initialize_config_dir
 
-    from nanovppo.train import CONF_DIR
+    from nanovppo.config import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["hardware=slurm"], return_hydra_config=True)
@@ -91,11 +85,8 @@ def test_slurm_selects_the_submitit_launcher():
     ("grpo_math_qwen1.5b", "qwen2.5-1.5b-instruct", "grpo", "math")])
 def test_experiment_recipes(name, model, algo, task):
     cfg = compose_cfg([f"experiment={name}"])
+    # the recipe's group choices took (an override list in the wrong order loses them)
     assert (cfg.model.name, cfg.algo.name, cfg.task.name) == (model, algo, task)
-    assert cfg.hardware.name == "1gpu" and cfg.rollout.max_new_tokens == 1024
-    assert cfg.algo.kl_coef == 0.001 and cfg.trainer.prompts_per_step == 16
-    if name == "grpo_countdown_qwen3b":
-        assert cfg.algo.group_size == 4 and cfg.algo.lr == 5e-6
     # a command-line override still wins over the recipe
     assert compose_cfg([f"experiment={name}", "algo.lr=3e-6"]).algo.lr == 3e-6
 
@@ -124,14 +115,17 @@ def test_vineppo_recipes_hold_the_papers_settings(task, splitter):
 @pytest.mark.parametrize("group,option", [o for o in OPTIONS if o[0] in ("algo", "task", "inference_backend")],
                          ids=[f"{g}={o}" for g, o in OPTIONS if g in ("algo", "task", "inference_backend")])
 def test_each_targets_parameters_and_its_yaml_keys_agree(group, option):
-    """Every key of the YAML is a parameter of its _target_, and every parameter without a
-    default is in the YAML (the engines' model, tokenizer and seed come from the trainer)."""
+    """Every key of the YAML is a parameter of its _target_, and every parameter is in the
+    YAML, so no default in code is ever used (the engines' model, tokenizer and seed, and
+    the hf engine's copy_model, come from the trainer)."""
     from nanovppo.config import check_node, target_parameters
 
     node = compose_cfg([f"{group}={option}"])[group]
     extra = ["model", "tokenizer", "seed"] if group == "inference_backend" else []
     check_node(node, group, extra=extra)
     names, required, _ = target_parameters(node._target_)
+    given = {k for k in node.keys() if not str(k).startswith("_")}
+    assert names - given - set(extra) - {"copy_model"} == set()
     if group == "algo":  # algorithms take every knob from the YAML: no defaults in code
         assert required == names
 

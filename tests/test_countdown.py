@@ -9,9 +9,17 @@ import pytest
 
 from nanovppo.tasks.arith import InvalidEquation, evaluate
 from nanovppo.tasks.base import DatasetUnavailableError
-from nanovppo.tasks.countdown import CountdownTask, generate_examples, split_of
+from nanovppo.tasks.countdown import generate_examples, split_of
+from tests.conftest import compose_cfg
 
 EX = {"nums": [2, 3, 6], "target": 12}
+
+
+def CountdownTask(**overrides):
+    """The task as conf/task/countdown.yaml builds it, with ``overrides``."""
+    from nanovppo.config import build
+
+    return build(compose_cfg(["task=countdown"]).task, "task", **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,8 @@ def test_logprobs_equal_a_separate_forward_pass(tiny):
                 assert len(c.logprobs) == len(c.token_ids) > 0
                 want, _ = naive_logprobs(model, prompt, c.token_ids, temperature=0.8)
                 torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=1e-4)
-                assert c.finish_reason in ("stop", "length")
-                if c.finish_reason == "length":
-                    assert len(c.token_ids) == 12
+                # cut at the budget, or ended by EOS before it (no stop strings here)
+                assert c.finish_reason == ("length" if len(c.token_ids) == 12 else "stop")
 
 
 def test_same_seed_same_samples_and_different_seed_differs(tiny):

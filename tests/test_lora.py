@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from nanovppo.logprobs import GroupLogprobs, pad_groups
 from nanovppo.lora import AdapterOffLogprobs, add_adapters, base_name, engine_weights, merged_model
 from nanovppo.rollout import Sample
-from nanovppo.train import update
+from nanovppo.update import update
 from tests.conftest import TINY, compose_cfg, make_algo
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,7 +33,7 @@ def test_groups_and_bands(store):
     np.testing.assert_allclose(hi - lo, [0.05] * 4)
 
 
-def test_cli_writes_and_logs_a_png(store, tmp_path):
+def test_cli_writes_and_logs_a_png(store, tmp_path, capsys):
     out = tmp_path / "plots" / "cmp.png"
     proc = subprocess.run([sys.executable, "-m", "nanovppo.plot", "--tracking-uri", store,
                            "--experiment", "cmp", "--metrics", "train/reward_mean",
@@ -47,8 +47,10 @@ def test_cli_writes_and_logs_a_png(store, tmp_path):
     plots = c.search_runs([exp.experiment_id], "tags.`nanovppo.kind` = 'plot'")
     assert len(plots) == 1
     assert [a.path for a in c.list_artifacts(plots[0].info.run_id)] == ["cmp.png"]
-    # a second plot ignores the plot run itself
+    # a second plot ignores the plot run itself: it counts the training runs only
+    training = len(c.search_runs([exp.experiment_id])) - len(plots)
     main(["--tracking-uri", store, "--experiment", "cmp", "--out", str(tmp_path / "b.png")])
+    assert f"from {training} runs" in capsys.readouterr().out
 
 
 def test_unknown_experiment_is_a_clear_error(store, tmp_path):

@@ -1,6 +1,6 @@
 """The trainer's update against a deliberately plain one written here.
 
-The production path (``nanovppo.train.update``) shares each prompt with its group, scores
+The production path (``nanovppo.update.update``, ``trainer.fast=true``) shares each prompt with its group, scores
 only real completion tokens in chunks through one autograd function, keeps the head's
 cast for a minibatch, gives the tied embedding a sparse gradient, runs the backward in two
 phases, reuses the current log-probs as the old ones when it can and accumulates
@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from nanovppo.algos.losses import rollout_correction
 from nanovppo.algos.pg import LossBatch
 from nanovppo.config import build
-from nanovppo.logprobs import GroupLogprobs, sparse_tied_embedding_grads
+from nanovppo.logprobs import GroupLogprobs, PlainLogprobs
 from nanovppo.rollout import Sample
-from nanovppo.train import autocast_ctx, resolve_correction, split_groups, update
+from nanovppo.batching import split_groups
+from nanovppo.update import autocast_ctx, logprob_module, resolve_correction, update
 from tests.conftest import TINY, compose_cfg
 
 GROUPS, PER_GROUP = 4, 2
@@ -129,15 +130,20 @@ CASES = [  # algo, extra overrides, mismatch correction
 
 
 # Every algorithm in fp32 with 2 PPO epochs x 2 minibatches; the one-pass shortcut (old
-# log-probs = the current ones, detached) and bf16 on three of them.
-RUNS = ([(*c, "float32", 2) for c in CASES]
-        + [(*c, dt, 1) for c in CASES if c[0] in ("grpo", "vppo", "rft") for dt in ("float32", "bfloat16")])
+# log-probs = the current ones, detached) and bf16 on three of them. The trainer's plain
+# path (trainer.fast=false) on three algorithms, in both shapes.
+RUNS = ([(*c, "float32", 2, True) for c in CASES]
+        + [(*c, dt, 1, True) for c in CASES if c[0] in ("grpo", "vppo", "rft")
+           for dt in ("float32", "bfloat16")]
+        + [(*c, "float32", p, False) for c in CASES if c[0] in ("grpo", "vppo", "dapo-no-kl")
+           for p in (1, 2)])
 
 
-@pytest.mark.parametrize("name,extra,correction,dtype,passes", RUNS,
-                         ids=[f"{r[0]}-{r[3]}-{r[4]}x{r[4]}" for r in RUNS])
-def test_update_matches_a_plain_reference(tiny, name, extra, correction, dtype, passes):
+@pytest.mark.parametrize("name,extra,correction,dtype,passes,fast", RUNS,
+                         ids=[f"{r[0]}-{r[3]}-{r[4]}x{r[4]}" + ("" if r[5] else "-plain") for r in RUNS])
+def test_update_matches_a_plain_reference(tiny, name, extra, correction, dtype, passes, fast):
     cfg = compose_cfg([*TINY, f"algo={name.split('-')[0]}", f"algo.ppo_epochs={passes}",
+                       f"trainer.fast={str(fast).lower()}",
                        f"algo.num_minibatches={passes}",
                        "algo.kl_coef=0.1", "trainer.micro_batch_size=2",
                        "trainer.logprob_chunk_rows=1", "rollout.temperature=0.7",
@@ -151,9 +157,11 @@ def test_update_matches_a_plain_reference(tiny, name, extra, correction, dtype, 
 
     # the production path, as the trainer builds it in one process
     policy = copy.deepcopy(base).train()
-    ref = GroupLogprobs(copy.deepcopy(base).eval().requires_grad_(False))
-    assert sparse_tied_embedding_grads(policy)
-    model = GroupLogprobs(policy, split_backward=True)
+    ref = logprob_module(copy.deepcopy(base).eval().requires_grad_(False), fast, False)
+    model = logprob_module(policy, fast, one_process=True)
+    assert isinstance(model, GroupLogprobs if fast else PlainLogprobs)
+    # the fast path's tied embedding has a sparse gradient; the plain one's is dense
+    assert policy.get_input_embeddings().sparse == fast
     got = update(model, ref, algo, copy.deepcopy(samples), cfg,
                  torch.optim.SGD(model.parameters(), lr=LR), tok.pad_token_id, step=3,
                  correction=fix)
@@ -180,7 +188,57 @@ def test_update_matches_a_plain_reference(tiny, name, extra, correction, dtype, 
         assert (want["train/kl"] > 0) is algo.kl_in_loss  # REINFORCE++: the KL is in the reward
     if correction != "off":
         assert got["train/mismatch_corrected_frac"] > 0
-    # without a KL term the group with zero advantages (1 of 4) is not forwarded at all
-    # (REINFORCE++'s folded KL gives it advantages; RFT imitates every sample)
-    skips = not algo.kl_in_loss and not getattr(algo, "kl_in_reward", False) and name != "rft"
+    # without a KL term the fast path does not forward the group with zero advantages (1 of
+    # 4) at all (REINFORCE++'s folded KL gives it advantages; RFT imitates every sample);
+    # the plain path forwards every sample
+    skips = (fast and not algo.kl_in_loss and not getattr(algo, "kl_in_reward", False)
+             and name != "rft")
     assert got["train/skipped_samples_frac"] == (0.25 if skips else 0.0)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_entropy_is_taken_over_the_tokens_the_loss_trains(tiny, fast):
+    """DAPO without KL, one pass: group 1 has zero advantages (no gradient; the fast path
+    does not forward it) and one completion of group 3 is truncated (DAPO masks it). The
+    reported entropy is the mean over the other 5 completions' tokens of the entropy of the
+    policy at the loss temperature, computed here from the whole model's logits, on both
+    paths alike."""
+    cfg = compose_cfg([*TINY, "algo=dapo", "algo.kl_coef=0.0", "trainer.micro_batch_size=2",
+                       f"trainer.fast={str(fast).lower()}", "rollout.temperature=0.7",
+                       "hardware.compute_dtype=float32", "rollout.correction.mode=off"])
+    base, tok = tiny
+    algo = build(cfg.algo)
+    assert algo.mask_truncated
+    samples = scripted_samples(base.config.vocab_size, per_token=False)
+    with torch.no_grad():
+        total, count = 0.0, 0
+        for s in samples:
+            if s.group == 1 or s.truncated:
+                continue
+            ids = torch.tensor([s.prompt_ids + s.completion_ids])
+            logits = base(input_ids=ids).logits[0].float() / 0.7
+            logp = F.log_softmax(logits, dim=-1)[len(s.prompt_ids) - 1:-1]     # [C, V]
+            total += -(logp.exp() * logp).sum().item()
+            count += len(s.completion_ids)
+    policy = copy.deepcopy(base).train()
+    model = logprob_module(policy, fast, one_process=True)
+    got = update(model, None, algo, samples, cfg, torch.optim.SGD(model.parameters(), lr=0.0),
+                 tok.pad_token_id, step=1)
+    assert count == sum(len(s.completion_ids) for s in samples
+                        if s.group != 1 and not s.truncated)
+    assert got["train/entropy"] == pytest.approx(total / count, rel=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rft_measures_the_mismatch_only_where_its_log_probs_match_the_engines(tiny,
+                                                                              temperature):
+    """RFT's loss takes log-probs at temperature 1; the engine's are at the sampling
+    temperature. At 1 both sides are the same distribution and the mismatch is logged; at
+    0.7 comparing them would measure the temperature, so nothing is logged."""
+    cfg = compose_cfg([*TINY, "algo=rft", f"rollout.temperature={temperature}",
+                       "hardware.compute_dtype=float32", "rollout.correction.mode=off"])
+    base, tok = tiny
+    model = logprob_module(copy.deepcopy(base).train(), True, one_process=True)
+    got = update(model, None, build(cfg.algo), scripted_samples(base.config.vocab_size, False),
+                 cfg, torch.optim.SGD(model.parameters(), lr=0.0), tok.pad_token_id, step=1)
+    assert ("train/mismatch_k3" in got) is (temperature == 1.0)

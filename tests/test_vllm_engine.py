@@ -105,6 +105,27 @@ def test_after_a_weight_update_logprobs_match_the_trainers_forward(policy, engin
     engine.update_weights(model.named_parameters())  # back, for the other tests
 
 
+def test_score_gives_the_trainers_log_probs_of_a_sequence(policy, engine):
+    """The sync check's probe: vLLM's prompt log-probs of a sequence equal the trainer's
+    forward of it (fp32 on both sides)."""
+    model, _ = policy
+    ids = PROMPTS[2]
+    got = torch.tensor(engine.score(ids))
+    want, _ = naive_logprobs(model, ids[:1], ids[1:], 1.0)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def test_no_logprobs_after_top_p(engine):
+    """vLLM's log-probs with top_p < 1 are of the renormalised nucleus, unlike the trainer's;
+    the engine returns none rather than ones that mean something else."""
+    nucleus = engine.generate(PROMPTS[:1], Sampling(n=2, temperature=1.0, top_p=0.5,
+                                                    max_new_tokens=4))
+    whole = engine.generate(PROMPTS[:1], Sampling(n=2, temperature=1.0, top_p=1.0,
+                                                  max_new_tokens=4))
+    assert all(c.logprobs is None for c in nucleus[0])
+    assert all(len(c.logprobs) == len(c.token_ids) for c in whole[0])
+
 def test_bf16_engine_agrees_with_the_trainer_within_bf16_precision(policy):
     model, tok = policy
     eng = VLLMEngine(copy.deepcopy(model), tok, seed=0, dtype="bfloat16")
@@ -128,3 +149,30 @@ def test_two_training_steps_with_the_vllm_engine(tmp_path, algo):
     assert run.data.params["inference_backend.name"] == "vllm"
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train/reward_mean")] == [1, 2]
     assert run.data.metrics["train/skipped_update"] == 0.0
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["push", "no-push"])
+def test_the_sync_check_on_the_vllm_engine(tmp_path, monkeypatch, broken):
+    """With a scripted verdict the policy moves; a vLLM engine whose push does nothing
+    stops the run at step 1, a working one runs on, its probe gap logged every step."""
+    from tests.test_cli import ROOT, only_run, run_cli
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    target = (["inference_backend._target_=tests.broken_engines.NoPushVLLMEngine"]
+              if broken else [])
+    proc = run_cli(tmp_path, "inference_backend=vllm", "trainer.max_steps=2",
+                   "model.sizes.num_attention_heads=2", "model.sizes.num_key_value_heads=1",
+                   "task._target_=tests.scripted_tasks.EvenLengthCountdown", "algo.lr=1e-3",
+                   "algo.group_size=4", "trainer.prompts_per_step=4", "trainer.eval_every=0",
+                   *target, check=not broken)
+    c, [run] = only_run(tmp_path)
+    if broken:
+        assert proc.returncode == 2 and run.info.status == "FAILED"
+        assert "error: step 1: the vllm engine does not hold the trainer's weights" \
+            in proc.stderr
+    else:
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in c.get_metric_history(run.info.run_id, "sync/gap_mean")] == [1, 2]
+        assert run.data.metrics["sync/engine_moved"] > 0 or \
+            run.data.metrics["sync/trainer_moved"] == 0
+

@@ -25,7 +25,7 @@ class Completion:
 
     ``logprobs[i]`` is the log-probability of ``token_ids[i]`` under the sampling
     distribution at the engine's temperature (before top-p), or None where an engine does
-    not return them. ``finish_reason`` is "stop" (EOS or a stop string) or "length".
+    not return them (vllm with top_p < 1, whose log-probs come after top-p). ``finish_reason`` is "stop" (EOS or a stop string) or "length".
     """
 
     token_ids: list[int]
@@ -36,6 +36,18 @@ class Completion:
 
 
 class Engine(Protocol):
+    """What the trainer asks of an inference backend (tests/test_engine_contract.py checks
+    the three engines against it)."""
+
+    name: str
+    # The trainer sets this: show a decoding bar (generated tokens per second) or not.
+    progress: bool
+    # True where the engine samples with the trainer's own numerics (the hf engine): the
+    # engine/trainer mismatch correction is then off under rollout.correction.mode=auto.
+    trainer_numerics: bool
+    # True where the engine samples from the policy's own module: nothing to push.
+    shares_policy: bool
+
     def generate(self, prompts: list[list[int]], sampling: Sampling,
                  max_new_tokens: list[int] | None = None) -> list[list[Completion]]:
         """``sampling.n`` completions for each prompt (given as token ids), grouped by
@@ -50,8 +62,19 @@ class Engine(Protocol):
     def wake_up(self) -> None:
         """Undo ``sleep``."""
 
+    def score(self, token_ids: list[int]) -> list[float]:
+        """Log-probs at temperature 1 of ``token_ids[1:]``, each given the tokens before it,
+        under the engine's current weights (``nanovppo/sync.py`` compares them with the
+        trainer's after every weight push)."""
+
     def close(self) -> None:
         """Release the engine."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to resume the engine's sampling stream."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Undo ``state_dict``: continue the saved stream."""
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

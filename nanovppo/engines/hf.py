@@ -46,7 +46,7 @@ class HFEngine:
 
     def __init__(self, model, tokenizer, seed: int = 0, max_batch: int = 64, name: str = "hf",
                  dtype: str | None = None, attn_implementation: str | None = None,
-                 autocast_dtype: torch.dtype | None = None, share_prefix: bool = True,
+                 autocast_dtype: str | torch.dtype | None = None, share_prefix: bool = True,
                  copy_model: bool = False):
         """Sample from ``model`` itself (temperature 0 decodes greedily), or from a copy of it in ``dtype`` when that differs
         from the policy's (decoding is memory-bound on CPU, so a bf16 copy of an fp32 policy
@@ -55,7 +55,8 @@ class HFEngine:
         policy's own parameters are sharded across ranks)."""
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype = (to_dtype(autocast_dtype) if isinstance(autocast_dtype, str)
+                               else autocast_dtype)
         policy_dtype = next(model.parameters()).dtype
         self.shares_policy = not copy_model and (dtype is None or to_dtype(dtype) == policy_dtype)
         if self.shares_policy:
@@ -116,6 +117,17 @@ class HFEngine:
         params = dict(self.model.named_parameters())
         for name, tensor in named_tensors:
             params[name].copy_(full_tensor(tensor))
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> list[float]:
+        """Log-probs at temperature 1 of ``token_ids[1:]``, each given the ones before it,
+        with the engine's model and numerics."""
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([list(map(int, token_ids))], device=device)
+        with self._autocast():
+            logits = self.model(input_ids=ids).logits[0, :-1].float()        # [T - 1, V]
+        logp = torch.log_softmax(logits, dim=-1)
+        return logp.gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()
 
     def sleep(self) -> None:
         pass

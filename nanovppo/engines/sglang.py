@@ -199,6 +199,8 @@ class SGLangEngine:
     """The ``sglang`` inference backend (see ``conf/inference_backend/sglang.yaml``)."""
 
     name = "sglang"
+    trainer_numerics = False  # its own kernels, in bf16: the mismatch is corrected
+    shares_policy = False     # weights are pushed after every update
 
     def __init__(self, model, tokenizer, seed: int = 0, name: str = "sglang",
                  host: str = "127.0.0.1", port: int = 30000, base_gpu_id: int = 0,
@@ -489,6 +491,19 @@ class SGLangEngine:
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         return Completion(token_ids=token_ids, text=text, finish_reason=kind,
                           logprobs=logprobs, prompt_ids=prompt)
+
+    def score(self, token_ids: list[int]) -> list[float]:
+        """Log-probs at temperature 1 of ``token_ids[1:]``, each given the ones before it
+        (the server's ``input_token_logprobs``; the first token has none)."""
+        ids = [int(t) for t in token_ids]
+        out = self._json("POST", "/generate", {
+            "input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 1.0},
+            "return_logprob": True, "logprob_start_len": 0, "stream": False})
+        entries = ((out or {}).get("meta_info") or {}).get("input_token_logprobs") or []
+        if len(entries) != len(ids):
+            raise SGLangServerError(f"the SGLang server scored {len(entries)} of the "
+                                    f"{len(ids)} tokens it was sent")
+        return [float(e[0]) for e in entries[1:]]
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -7,8 +7,9 @@ engine's dtype and streamed one at a time (a sharded FSDP2 tensor is gathered ju
 it is sent), and the prefix cache is reset so no key/value computed by the old weights is
 reused. Prefix caching also lets the ``n`` samples of a prompt share its prefill, in
 whole KV blocks: on a CPU the block is 32 tokens here rather than vLLM's 128. Log-probs
-are those vLLM sampled from (``logprobs_mode="processed_logprobs"``: after temperature
-and top-p), i.e. the trainer's temperature.
+are those of the distribution vLLM sampled from (``logprobs_mode="processed_logprobs"``:
+after temperature, i.e. at the trainer's temperature, and after top-p). With top_p < 1
+they are not returned: the other engines' and the trainer's are before top-p.
 
 Under torchrun each rank owns an engine (``distributed_executor_backend=
 "external_launcher"``); with ``tensor_parallel_size`` > 1 the ranks of a tensor-parallel
@@ -73,6 +74,9 @@ class VLLMEngine:
     """The ``vllm`` inference backend (see ``conf/inference_backend/vllm.yaml``)."""
 
     name = "vllm"
+    trainer_numerics = False  # its own kernels, in bf16: the mismatch is corrected
+    shares_policy = False     # weights are pushed after every update
+    _warned_top_p = False
 
     def __init__(self, model, tokenizer, seed: int = 0, name: str = "vllm",
                  dtype: str = "bfloat16", max_model_len: int = 2048,
@@ -148,11 +152,21 @@ class VLLMEngine:
         budgets = max_new_tokens or [sampling.max_new_tokens] * len(prompts)
         # vLLM samples greedily once per prompt; the n identical copies are made here.
         greedy = sampling.temperature == 0
+        # vLLM's log-probs come after top-p (renormalised over the nucleus), the other
+        # engines' and the trainer's before it: with top_p < 1 none are returned, so the
+        # mismatch is not measured against a different distribution.
+        nucleus = not greedy and sampling.top_p < 1.0
+        if nucleus and not self._warned_top_p:
+            log.warning("rollout.top_p=%g with the vllm engine: vLLM reports log-probs after "
+                        "top-p, so the engine/trainer mismatch is neither measured nor "
+                        "corrected (docs/algorithms.md)", sampling.top_p)
+            self._warned_top_p = True
         params = [SamplingParams(n=1 if greedy else sampling.n, temperature=sampling.temperature,
                                  top_p=sampling.top_p,
                                  max_tokens=max(1, min(b, sampling.max_new_tokens)),
                                  stop=list(sampling.stop) or None,
-                                 include_stop_str_in_output=True, logprobs=0,
+                                 include_stop_str_in_output=True,
+                                 logprobs=None if nucleus else 0,
                                  skip_special_tokens=True)
                   for b in budgets]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
@@ -172,6 +186,19 @@ class VLLMEngine:
                          for _ in range(sampling.n)]
             groups.append(group)
         return groups
+
+    def score(self, token_ids: list[int]) -> list[float]:
+        """Log-probs at temperature 1 of ``token_ids[1:]``, each given the ones before it
+        (vLLM's prompt log-probs; they are taken from the logits before any sampling
+        processing)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        ids = [int(t) for t in token_ids]
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0,
+                                detokenize=False)
+        [out] = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
+        return [out.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i > 0]
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -17,7 +17,8 @@ With positive ``format`` and ``numbers`` weights the reward orders responses as 
 should: correct > a wrong equation over exactly the given numbers > an attempt with some
 of them > prose in the tags = empty tags = no output = 0 (tests/test_countdown.py).
 
->>> task = CountdownTask(shaping={"format": 0.1, "numbers": 0.2}, n_train=1, n_test=1)
+>>> task = CountdownTask(shaping={"format": 0.1, "numbers": 0.2}, n_train=1, n_test=1,
+...                      generate={"counts": [3], "low": 1, "high": 9, "max_target": 50})
 >>> r = task.reward("<think>6-2=4, 4*3=12</think> <answer>(6 - 2) * 3</answer>",
 ...                 {"nums": [2, 3, 6], "target": 12})
 >>> r.correct, round(r.total, 6)
@@ -188,9 +189,13 @@ class CountdownTask(Task):
         self.name = name
         self.shaping = shaping_weights(shaping, SHAPING, "task.shaping")
         if source == "generate":
+            keys = ("counts", "low", "high", "max_target")  # conf/task/countdown.yaml
             g = dict(generate or {})
-            settings = {"counts": list(g.get("counts", (3, 4))), "low": g.get("low", 1),
-                        "high": g.get("high", 20), "max_target": g.get("max_target", 100)}
+            if set(g) != set(keys):
+                raise ConfigError(f"task.generate takes exactly {', '.join(keys)}; got "
+                                  f"{', '.join(sorted(g)) or 'nothing'}")
+            settings = {"counts": list(g["counts"]), "low": g["low"], "high": g["high"],
+                        "max_target": g["max_target"]}
             self.train_examples, self.test_examples = generate_examples(
                 n_train, n_test, seed, counts=tuple(settings["counts"]), low=settings["low"],
                 high=settings["high"], max_target=settings["max_target"])

@@ -1,0 +1,319 @@
+"""The update: one step's optimisation of the policy over its scored samples.
+
+    for each PPO epoch (algo.ppo_epochs):
+        for each minibatch (algo.num_minibatches; one optimizer step each):
+            for each micro-batch (trainer.micro_batch_size sequences):
+                log-probs of the completions under the current policy
+                loss = algo.loss(log-probs, old log-probs, reference log-probs, advantages)
+                loss.backward()            # gradients accumulate over the minibatch
+            clip the gradient norm; optimizer.step()
+
+Speed lives behind one switch, ``trainer.fast`` (read by ``logprob_module`` and ``update``
+only). ``fast: false`` is the plain path, the one to read first: full-vocabulary
+log-softmax over every sequence on its own, one autocast region per micro-batch, every
+sample forwarded, a separate forward for the old log-probs, glibc's default memory
+handling. ``fast: true`` (the default) gives the same update (tests/test_update_reference.py
+checks both against a naive loop) with: each prompt run once for its group and only real
+completion tokens scored in chunks (``GroupLogprobs``), the backward in two phases and a
+sparse tied-embedding gradient in one process, the weights' bf16 casts kept for a
+minibatch, the current log-probs reused as the old ones when the policy has not moved,
+samples with no gradient skipped, and freed memory kept for reuse (``memory.phase``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+
+import numpy as np
+import torch
+
+from nanovppo import distributed as dd
+from nanovppo import memory
+from nanovppo.algos.losses import mismatch_stats, rollout_correction
+from nanovppo.algos.pg import LossBatch
+from nanovppo.batching import collate, micro_batches, normalisers, pad_to_busiest, split_groups
+from nanovppo.logprobs import (GroupLogprobs, PlainLogprobs, pad_groups, reuse_head_cast,
+                               sparse_tied_embedding_grads)
+from nanovppo.models import to_dtype
+from nanovppo.progress import bar
+from nanovppo.rollout import Sample
+
+
+def logprob_module(policy, fast: bool, one_process: bool) -> torch.nn.Module:
+    """The module whose forward gives a micro-batch's completion log-probs (the trainer
+    wraps it, not the policy, in DDP or FSDP2)."""
+    if not fast:
+        return PlainLogprobs(policy)
+    if one_process:  # sparse tied-embedding grads and the two-phase backward: one process only
+        sparse_tied_embedding_grads(policy)
+    return GroupLogprobs(policy, split_backward=one_process)
+
+
+def autocast_ctx(cfg):
+    """bf16 (or ``hardware.compute_dtype``) matmuls over weights kept in ``param_dtype``."""
+    dtype = to_dtype(cfg.hardware.compute_dtype)
+    if dtype == to_dtype(cfg.hardware.param_dtype):
+        return no_autocast(cfg)
+    return torch.autocast(_autocast_device(cfg), dtype=dtype)
+
+
+def no_autocast(cfg):
+    return torch.autocast(_autocast_device(cfg), enabled=False)
+
+
+def _autocast_device(cfg) -> str:
+    return "cuda" if str(cfg.hardware.device).startswith("cuda") else "cpu"
+
+
+def minibatch_autocast(model, cfg):
+    """An autocast region around a minibatch's micro-batches (fast path). Autocast keeps the
+    casts of leaf weights until its outermost region ends, so the fp32 weights are cast to
+    bf16 once per minibatch instead of once per micro-batch (and again in checkpointed
+    recomputes). The output head's cast is kept the same way (``reuse_head_cast``). Not
+    under FSDP2, whose gathered weights are freed and refilled between forwards."""
+    stack = contextlib.ExitStack()
+    if cfg.trainer.fast and not hasattr(model, "set_requires_gradient_sync"):  # not FSDP2
+        stack.enter_context(autocast_ctx(cfg))
+        stack.enter_context(reuse_head_cast())
+    return stack
+
+
+def micro_logprobs(model, mb: list[Sample], pad_id: int, cfg, temperature: float,
+                   with_entropy=False):
+    """Log-probs [b, C] of a micro-batch (entropy too if asked) and its padded batch.
+
+    An empty micro-batch stands for a rank that has less work than the others: it runs a
+    one-token forward so that every rank makes the same collective calls.
+    """
+    prompts, completions, seen = [], [], {}
+    for s in mb:  # samples of a group are adjacent (see micro_batches)
+        if s.group not in seen:
+            seen[s.group] = len(prompts)
+            prompts.append(s.prompt_ids)
+            completions.append([])
+        completions[seen[s.group]].append(s.completion_ids)
+    if mb:
+        batch = pad_groups(prompts, completions, pad_id)
+    else:  # one pad token as prompt and completion, masked out
+        batch = pad_groups([[pad_id]], [[[pad_id]]], pad_id)
+        batch = batch._replace(completion_mask=torch.zeros_like(batch.completion_mask))
+    with autocast_ctx(cfg):
+        out = model(batch, temperature, cfg.trainer.logprob_chunk_rows, with_entropy)
+    return out, batch
+
+
+@torch.no_grad()
+def probe_logprobs(model, ids: list[int], cfg, pad_id: int) -> torch.Tensor:
+    """[T - 1] log-probs of ``ids[1:]`` at temperature 1 under ``model`` (a log-prob
+    module), each given the tokens before it: the trainer's side of the weight-sync check."""
+    batch = pad_groups([ids[:1]], [[ids[1:]]], pad_id)
+    with autocast_ctx(cfg):
+        logp = model(batch, 1.0, cfg.trainer.logprob_chunk_rows, False)        # [1, T - 1]
+    return logp[0, :len(ids) - 1]
+
+
+@torch.no_grad()
+def store_logprobs(model, samples: list[Sample], attr: str, pad_id, cfg, d: dd.Dist,
+                   temperature) -> None:
+    """Set each sample's ``attr`` (``old_logprobs`` or ``ref_logprobs``) to its completion's
+    log-probs [C_s] under ``model``."""
+    [batches] = pad_to_busiest([micro_batches(samples, cfg.trainer.micro_batch_size)], d)
+    for mb in batches:
+        logp, _ = micro_logprobs(model, mb, pad_id, cfg, temperature)
+        for r, s in enumerate(mb):
+            setattr(s, attr, logp[r, :len(s.completion_ids)])
+
+
+def grad_sync(model, on: bool):
+    """Whether this backward pass reduces gradients across ranks (only a minibatch's last
+    micro-batch does; the others accumulate locally)."""
+    if hasattr(model, "no_sync"):  # DDP
+        return contextlib.nullcontext() if on else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(on)
+    return contextlib.nullcontext()
+
+
+def plan(samples: list[Sample], algo, cfg, step: int, d: dd.Dist):
+    """The micro-batches of each minibatch of each epoch, each minibatch's loss normalisers
+    (its loss tokens and sequences over all ranks), and the loss tokens of all epochs.
+
+    On the fast path only samples that carry a gradient are forwarded: without a KL term a
+    completion whose advantage is 0 on every token (a group whose samples all scored the
+    same) has a loss and gradient of exactly 0."""
+    rng = random.Random(cfg.seed * 1_000_003 + step)  # the same on every rank
+    epochs = [split_groups(samples, algo.num_minibatches, rng, d) for _ in range(algo.ppo_epochs)]
+    norms = [[normalisers(mb, algo.mask_truncated, d) for mb in epoch] for epoch in epochs]
+    loss_tokens = float(sum(len(s.completion_ids) for epoch in epochs for mb in epoch for s in mb
+                            if not (algo.mask_truncated and s.truncated)))
+    keep = algo.carries_gradient if cfg.trainer.fast else (lambda s: True)
+    batches = [[micro_batches([s for s in mb if keep(s)], cfg.trainer.micro_batch_size)
+                for mb in epoch] for epoch in epochs]
+    if d.on:  # every rank runs as many micro-batches as the busiest one (empty ones pad)
+        flat = pad_to_busiest([b for epoch in batches for b in epoch], d)
+        batches = [flat[e * algo.num_minibatches:(e + 1) * algo.num_minibatches]
+                   for e in range(algo.ppo_epochs)]
+    return batches, norms, loss_tokens
+
+
+def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int, step: int,
+           d: dd.Dist = dd.Dist(), correction: dict | None = None) -> dict:
+    """One training step's optimisation over this rank's scored samples; returns metrics
+    for the whole job (already reduced over ranks). ``model`` and ``ref`` are
+    ``logprob_module``s; ``correction`` the engine/trainer mismatch correction
+    (``resolve_correction``; None: off)."""
+    temperature = algo.loss_temperature(cfg.rollout.temperature)
+    fast = bool(cfg.trainer.fast)
+    acc = _Accumulators()
+    with memory.phase(fast, low=bool(cfg.hardware.low_memory)) as mem:  # memory peaks here
+        # PPO's "old" log-probs are those of the policy that sampled, i.e. before this
+        # step's first optimizer step. With one pass and one minibatch the policy has not
+        # moved since sampling, so on the fast path they are the current ones (detached),
+        # unless the advantages need them first (REINFORCE++ folds the KL into its returns).
+        kl_in_reward = getattr(algo, "kl_in_reward", False)
+        reuse_current = (fast and algo.ppo_epochs == 1 and algo.num_minibatches == 1
+                         and not kl_in_reward)
+        t0 = time.perf_counter()
+        for s in samples:
+            s.old_logprobs = s.ref_logprobs = None
+        if not reuse_current:
+            store_logprobs(model, samples, "old_logprobs", pad_id, cfg, d, temperature)
+        if ref is not None:
+            store_logprobs(ref, samples, "ref_logprobs", pad_id, cfg, d, temperature)
+        acc.perf["forward_s"] += time.perf_counter() - t0
+        if kl_in_reward:
+            algo.fold_kl(samples, [s.old_logprobs for s in samples],
+                         None if ref is None else [s.ref_logprobs for s in samples])
+
+        epochs, norms, acc.totals["tokens"] = plan(samples, algo, cfg, step, d)
+        trained = sum(len(micro) for minibatch in epochs[0] for micro in minibatch)
+        acc.totals["samples"] = float(len(samples))
+        acc.totals["skipped_samples"] = float(len(samples) - trained)
+        progress = bar(cfg.trainer.progress and d.main, desc="update", unit="micro-batch",
+                       total=sum(len(b) for epoch in epochs for b in epoch), leave=False)
+        model.train()
+        for epoch, minibatches in enumerate(epochs):
+            for batches, (n_tokens, n_seqs) in zip(minibatches, norms[epoch]):
+                optimizer.zero_grad(set_to_none=True)
+                # One autocast region per minibatch: the weights' bf16 casts are made once
+                # and reused by its micro-batches (the weights only change at step()).
+                with minibatch_autocast(model, cfg):
+                    for i, mb in enumerate(batches):
+                        with grad_sync(model, i == len(batches) - 1):
+                            _micro_step(model, mb, algo, cfg, pad_id, temperature, epoch,
+                                        n_tokens, n_seqs, correction, d, acc)
+                        mem.trim()  # low_memory: the micro-batch's activations, now freed
+                        progress.update()
+                _optimizer_step(model, optimizer, cfg, acc)
+        progress.close()
+        optimizer.zero_grad(set_to_none=True)
+    return acc.metrics(algo, d)
+
+
+def _micro_step(model, mb, algo, cfg, pad_id, temperature, epoch, n_tokens, n_seqs,
+                correction, d: dd.Dist, acc: "_Accumulators") -> None:
+    """Forward, loss and backward of one micro-batch; its figures go to ``acc``."""
+    t0 = time.perf_counter()
+    # Entropy is reported for the first pass over the samples only.
+    out, batch = micro_logprobs(model, mb, pad_id, cfg, temperature, with_entropy=epoch == 0)
+    logp, ent = out if epoch == 0 else (out, None)
+    if not mb:  # a padding micro-batch: the same collectives, no gradient
+        with no_autocast(cfg):
+            (logp.sum() * 0.0).backward()
+        return
+    t = collate(mb, algo.mask_truncated)                                  # [b, C] each
+    old_logp = logp.detach() if t.old_logp is None else t.old_logp
+    weight = torch.ones_like(t.mask)
+    # The engine's log-probs are at the sampling temperature; RFT's loss takes them at 1:
+    # then the two are not comparable, and neither the mismatch nor a correction is made.
+    comparable = temperature == float(cfg.rollout.temperature)
+    if t.engine_logp is not None and comparable:
+        if epoch == 0:  # how far the sampler is from the trainer
+            m = mismatch_stats(old_logp, t.engine_logp, t.mask)
+            acc.totals["mismatch_k3_tokens"] += m["mismatch_k3_tokens"]
+            acc.totals["engine_tokens"] += t.mask.sum().item()
+            acc.mismatch_max = max(acc.mismatch_max, m["mismatch_max_abs"])
+        if correction:
+            weight, touched = rollout_correction(old_logp, t.engine_logp, t.mask, **correction)
+            acc.totals["corrected_tokens"] += touched if epoch == 0 else 0.0
+    with no_autocast(cfg):  # the loss and its backward in fp32
+        loss, stats = algo.loss(LossBatch(logp, old_logp, t.ref_logp, t.advantages, t.mask,
+                                          weight, n_tokens, n_seqs, cfg.rollout.max_new_tokens))
+        t1 = time.perf_counter()
+        (loss * d.world).backward()  # the ranks average gradients; the loss is a sum's share
+    acc.perf["forward_s"] += t1 - t0
+    acc.perf["backward_s"] += time.perf_counter() - t1
+    acc.perf["tokens"] += batch.prompt_ids.numel() + batch.completion_ids.numel()
+    acc.perf["head_tokens"] += batch.completion_mask.sum().item()
+    acc.totals["loss"] += loss.item()
+    acc.totals["clip_tokens"] += stats["clip_tokens"]
+    acc.totals["kl_tokens"] += stats.get("kl_tokens", 0.0)
+    if epoch == 0:  # over the loss's tokens (truncated ones out where masked) of samples
+        # that carry a gradient: the same set on the plain and the fast path, which skips
+        # the others
+        trained = torch.tensor([float(algo.carries_gradient(s)) for s in mb])[:, None]  # [b, 1]
+        mask = t.mask * trained                                                       # [b, C]
+        acc.totals["entropy_tokens"] += (ent.float() * mask).sum().item()
+        acc.totals["entropy_count"] += mask.sum().item()
+
+
+def _optimizer_step(model, optimizer, cfg, acc: "_Accumulators") -> None:
+    t0 = time.perf_counter()
+    clip = cfg.trainer.max_grad_norm
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+    acc.grad_norms.append(norm.item())
+    optimizer.step()
+    acc.perf["optimizer_s"] += time.perf_counter() - t0
+
+
+class _Accumulators:
+    """Sums over an update's micro-batches, reduced over ranks at the end."""
+
+    def __init__(self):
+        self.totals = {"loss": 0.0, "clip_tokens": 0.0, "kl_tokens": 0.0, "entropy_tokens": 0.0,
+                       "tokens": 0.0, "entropy_count": 0.0, "mismatch_k3_tokens": 0.0,
+                       "engine_tokens": 0.0, "corrected_tokens": 0.0, "samples": 0.0,
+                       "skipped_samples": 0.0}
+        # Where the update's time goes, and the work of its forward passes (for FLOP/s):
+        # the tokens the decoder ran and the positions the output head scored.
+        self.perf = {"forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0, "tokens": 0.0,
+                     "head_tokens": 0.0}
+        self.grad_norms: list[float] = []
+        self.mismatch_max = 0.0
+
+    def metrics(self, algo, d: dd.Dist) -> dict:
+        keys = sorted(self.totals)
+        totals = dict(zip(keys, dd.all_reduce_sum([self.totals[k] for k in keys], d)))
+        perf = dict(zip(self.perf, dd.all_reduce_max(list(self.perf.values()), d)))  # slowest rank
+        tokens = max(totals["tokens"], 1.0)  # clip and KL fractions count every loss token
+        updates = max(1, algo.ppo_epochs * algo.num_minibatches)
+        out = {"train/loss": totals["loss"] / updates,
+               "train/clip_frac": totals["clip_tokens"] / tokens,
+               "train/kl": totals["kl_tokens"] / tokens,
+               "train/entropy": totals["entropy_tokens"] / max(totals["entropy_count"], 1.0),
+               "train/grad_norm": float(np.mean(self.grad_norms)),
+               # samples not forwarded: their loss is exactly 0 (zero advantage, no KL)
+               "train/skipped_samples_frac": totals["skipped_samples"] / max(totals["samples"], 1.0),
+               **{f"perf/update_{k}": v for k, v in perf.items()}}
+        if totals["engine_tokens"]:  # the engine reported log-probs
+            engine_tokens = totals["engine_tokens"]
+            out["train/mismatch_k3"] = totals["mismatch_k3_tokens"] / engine_tokens
+            out["train/mismatch_max_abs"] = dd.all_reduce_max([self.mismatch_max], d)[0]
+            out["train/mismatch_corrected_frac"] = totals["corrected_tokens"] / engine_tokens
+        return out
+
+
+def resolve_correction(node, engine) -> dict | None:
+    """The engine/trainer mismatch correction to apply (``rollout.correction``), as keyword
+    arguments of ``rollout_correction``; None when off. ``auto`` is off for an engine that
+    samples with the trainer's own numerics (``hf``) and ``tis`` for the others."""
+    mode = str(node.mode)
+    if mode == "auto":
+        mode = "off" if getattr(engine, "trainer_numerics", False) else "tis"
+    if mode == "off":
+        return None
+    return {"mode": mode, "level": str(node.level), "cap": float(node.cap),
+            "low": float(node.low), "high": float(node.high)}
