@@ -64,7 +64,7 @@ class FakeSGLang:
                  health_delay_s: float = 0.0, session_routes: bool = False,
                  fail_update: bool = False, hang_s: float = 0.0,
                  die_token: int | None = None, error_token: int | None = None,
-                 die_hard: bool = False, argv: list[str] | None = None):
+                 die_hard: bool = False, argv: list[str] | None = None, score_model=None):
         self.tokenizer = tokenizer
         eos = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -74,6 +74,9 @@ class FakeSGLang:
         self.fail_update = fail_update
         self.hang_s = hang_s
         self.die_token, self.error_token, self.die_hard = die_token, error_token, die_hard
+        # A transformers model that answers input_token_logprobs (logprob_start_len 0) for
+        # real; the weights of each /update_weights_from_disk are loaded into it.
+        self.score_model = score_model
         self.started = time.monotonic()
         self.release = threading.Event()  # ends a hanging request
         self.lock = threading.Lock()
@@ -177,6 +180,13 @@ class FakeSGLang:
         if not (Path(path) / "config.json").is_file():
             return h._send(400, {"success": False, "message": f"no config.json in {path}"})
         weights = read_weights(path)
+        if self.score_model is not None:
+            from safetensors.torch import load_file
+
+            loaded = {}
+            for f in sorted(Path(path).glob("*.safetensors")):
+                loaded.update(load_file(str(f)))
+            self.score_model.load_state_dict(loaded, strict=False)
         with self.lock:
             self.state["version"] += 1
             self.state["updates"].append({"model_path": path, "weights": weights})
@@ -206,7 +216,8 @@ class FakeSGLang:
             return h._send(400, {"object": "error", "message": "fake failure", "code": 400})
         if self.hang_s:
             self.release.wait(self.hang_s)
-        outs = [self.complete(p, sp, k, body.get("return_logprob"))
+        outs = [self.complete(p, sp, k, body.get("return_logprob"),
+                              body.get("logprob_start_len", -1))
                 for k, (p, sp) in enumerate(zip(flat, flat_params))]
         h._send(200, outs[0] if single and n == 1 else outs)
 
@@ -216,7 +227,21 @@ class FakeSGLang:
         k = seed % 1000 if seed is not None else index
         return [prompt[-1], 1000 + k, 2000 + self.state["version"]]
 
-    def complete(self, prompt, sp, index, return_logprob) -> dict:
+    def input_logprobs(self, prompt) -> list:
+        """SGLang's ``input_token_logprobs`` from position 0: ``[logprob, id, text]`` per
+        prompt token, the first with no log-prob."""
+        import torch
+
+        if self.score_model is None:
+            return []
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            logits = self.score_model(input_ids=ids).logits[0, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        return [[None, prompt[0], None]] + [[float(v), t, None]
+                                            for v, t in zip(logp.tolist(), prompt[1:])]
+
+    def complete(self, prompt, sp, index, return_logprob, logprob_start_len=-1) -> dict:
         budget = sp.get("max_new_tokens", 128)
         script = self.tokens_for(prompt, index, sp.get("sampling_seed"))
         stops = sp.get("stop") or []
@@ -245,7 +270,8 @@ class FakeSGLang:
                 "completion_tokens": len(out), "cached_tokens": 0}
         if return_logprob:
             meta["output_token_logprobs"] = entries
-            meta["input_token_logprobs"] = []
+            meta["input_token_logprobs"] = (self.input_logprobs(prompt)
+                                            if logprob_start_len == 0 else [])
         return {"text": text, "output_ids": ids, "meta_info": meta}
 
     def decode(self, ids, skip_special_tokens=True) -> str:

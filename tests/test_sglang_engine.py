@@ -137,6 +137,31 @@ def test_update_weights_writes_safetensors_the_server_loads(tiny, fake, tmp_path
     assert w.is_dir()  # a folder the user gave is kept
 
 
+def test_score_reads_the_servers_input_logprobs_and_follows_a_push(tiny, fake, tmp_path):
+    """The sync check's probe on sglang: the engine asks for input log-probs from position
+    0 and returns those of tokens 1..; the fake serves them from a real copy of the model,
+    which each pushed folder is loaded into. A push of changed weights changes them."""
+    import copy
+
+    from tests.test_logprobs import naive_logprobs
+
+    model, _ = tiny
+    served = copy.deepcopy(model).eval()
+    server = fake(score_model=served)
+    engine = connect(tiny, server, tmp_path, dtype="float32")
+    ids = [1, 5, 9, 200, 31, 44]
+    want, _ = naive_logprobs(model, ids[:1], ids[1:], 1.0)
+    before = torch.tensor(engine.score(ids))
+    assert (before - want).abs().max().item() < 1e-5
+    changed = {n: (p * 1.5 if "o_proj" in n else p) for n, p in model.named_parameters()}
+    engine.update_weights(changed.items())
+    after = torch.tensor(engine.score(ids))
+    assert (after - before).abs().max().item() > 1e-3
+    body = server.state["generate"][-1]
+    assert body["logprob_start_len"] == 0 and body["input_ids"] == ids
+    engine.close()
+
+
 def test_weight_update_session_brackets_the_update(tiny, fake, tmp_path):
     server = fake(session_routes=True)
     engine = connect(tiny, server, tmp_path)

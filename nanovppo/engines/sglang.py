@@ -500,9 +500,9 @@ class SGLangEngine:
             "input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 1.0},
             "return_logprob": True, "logprob_start_len": 0, "stream": False})
         entries = ((out or {}).get("meta_info") or {}).get("input_token_logprobs") or []
-        if len(entries) != len(ids):
-            raise SGLangServerError(f"the SGLang server scored {len(entries)} of the "
-                                    f"{len(ids)} tokens it was sent")
+        if len(entries) != len(ids) or [int(e[1]) for e in entries] != ids:
+            raise SGLangServerError(f"the SGLang server scored {len(entries)} tokens, not "
+                                    f"the {len(ids)} it was sent")
         return [float(e[0]) for e in entries[1:]]
 
     @torch.no_grad()
