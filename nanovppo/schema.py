@@ -134,6 +134,9 @@ RULES: dict[str, Rule] = {
 }
 
 
+_ABSENT = object()  # what OmegaConf.select gives for a key the config does not hold
+
+
 def _show(v) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(_show(x) for x in v) + "]"
@@ -148,8 +151,8 @@ def check_config(cfg: DictConfig) -> None:
     """Raise a ``ConfigError`` for the first run-level value that breaks its rule (or a
     rule that spans two keys)."""
     for key, rule in RULES.items():
-        node = OmegaConf.select(cfg, key, throw_on_missing=False, default="<missing>")
-        if isinstance(node, str) and node == "<missing>":
+        node = OmegaConf.select(cfg, key, throw_on_missing=False, default=_ABSENT)
+        if node is _ABSENT:
             raise ConfigError(f"{key} is missing: it must be {rule.allowed}")
         value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
         if not rule.ok(value):
