@@ -58,8 +58,7 @@ def main() -> None:
 
     cfg = compose_cfg(["task.n_train=100", *args.overrides])
     task = instantiate(cfg.task)
-    policy, tok = load_model(cfg.model, dtype=cfg.hardware.param_dtype)
-    policy.config._attn_implementation = cfg.hardware.attn_implementation or "sdpa"
+    tok = load_model(cfg.model, dtype=cfg.hardware.param_dtype)[1]
     probes = [render_prompt(task, tok, ex) for ex in task.test_examples[:args.probes]]
     print(f"{len(probes)} probes of {min(map(len, probes))}-{max(map(len, probes))} tokens; "
           f"trainer compute {cfg.hardware.compute_dtype} over {cfg.hardware.param_dtype}")
@@ -68,8 +67,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name in args.engines:
         ecfg = compose_cfg([f"inference_backend={name}", *args.overrides]).inference_backend
-        work = load_model(cfg.model, dtype=cfg.hardware.param_dtype)[0]
-        work.config._attn_implementation = policy.config._attn_implementation
+        work = load_model(cfg.model, dtype=cfg.hardware.param_dtype)[0]  # fresh: it will train
+        work.config._attn_implementation = cfg.hardware.attn_implementation or "sdpa"
         engine = instantiate(ecfg, model=work, tokenizer=tok, seed=0, _convert_="partial")
         if getattr(engine, "shares_policy", False):
             print(f"| {name} | {ecfg.dtype} | shares the policy: not checked | | | | | |")
