@@ -109,8 +109,9 @@ def make_tracker(cfg, run_dir: Path, state, task, launch: Launch) -> Tracker:
         tracker = Tracker(uri, cfg.tracking.experiment, run_id=state["mlflow_run_id"])
         tracker.start_system_metrics(cfg.tracking.system_metrics_interval, resume=True)
         return tracker
-    name = cfg.tracking.run_name or f"{cfg.algo.name}-{cfg.task.name}-{cfg.model.name}-seed{cfg.seed}"
-    tags = {"nanovppo.run_dir": str(run_dir.resolve()),
+    what = cfg.algo.name if cfg.tracking.kind == "train" else cfg.tracking.kind
+    name = cfg.tracking.run_name or f"{what}-{cfg.task.name}-{cfg.model.name}-seed{cfg.seed}"
+    tags = {"nanovppo.run_dir": str(run_dir.resolve()), "nanovppo.kind": cfg.tracking.kind,
             "overrides": " ".join(launch.overrides) or "(none)"}
     if launch.sweep_dir is not None:
         tags.update({"sweep.dir": str(launch.sweep_dir), "sweep.job": str(launch.sweep_job)})

@@ -185,7 +185,7 @@ def _loop(run: Run, stop: threading.Event) -> dict:
     """The RL start (a new run: evaluated and saved as step 0), then the steps."""
     cfg, d, tracker = run.cfg, run.d, run.tracker
     if run.start_step == 0:
-        start = evaluate(run.engine, run.task, run.tokenizer, cfg, d)
+        start = evaluate(run.engine, run.task, run.tokenizer, cfg, d, cfg.trainer.eval_pass_k)
         start["eval/accuracy_rl_start"] = start.get("eval/accuracy", 0.0)
         start.update(run.start_metrics)
         # With LoRA after a warm start, the RL start is saved whole: its adapters were merged
@@ -208,7 +208,8 @@ def _loop(run: Run, stop: threading.Event) -> dict:
                 run.scheduler.step()
                 if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 or last:
                     t0 = time.perf_counter()
-                    metrics.update(evaluate(run.engine, run.task, run.tokenizer, cfg, d))
+                    k = cfg.trainer.eval_pass_k if last else 0  # pass@k at both ends only
+                    metrics.update(evaluate(run.engine, run.task, run.tokenizer, cfg, d, k))
                     metrics["perf/eval_s"] = time.perf_counter() - t0
                 stopping = dd.all_reduce_max([float(stop.is_set())], d)[0] > 0  # all ranks agree
                 every, model_id = cfg.trainer.checkpoint_every, None
@@ -300,22 +301,33 @@ def train_step(run: Run, step: int):
     return metrics, samples_table(ro, task)
 
 
-def evaluate(engine, task, tokenizer, cfg, d: dd.Dist = dd.Dist()) -> dict:
+def evaluate(engine, task, tokenizer, cfg, d: dd.Dist = dd.Dist(), pass_k: int = 0) -> dict:
     """Greedy decoding on the first ``trainer.eval_examples`` held-out test prompts (each
-    rank takes its share): the task's accuracy and mean reward."""
+    rank takes its share): the task's accuracy and mean reward. With ``pass_k``, also
+    ``pass_k`` samples per prompt at the rollout temperature: ``eval/pass@k``, the share of
+    prompts with a correct one among them (n = k, so the unbiased estimator is exactly that)."""
     examples = task.test_examples[: cfg.trainer.eval_examples]
     if not examples:
         return {}
     mine = examples[d.rank::d.world]
     greedy = Sampling(n=1, temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
                       stop=task.stop)
-    sums = {"reward": 0.0, "correct": 0.0}
+    sums = [0.0, 0.0, 0.0]  # reward, correct (greedy), prompts solved in k samples
     if mine:
         ro = RolloutSource(task, tokenizer, engine, greedy).collect(mine)
-        sums["reward"] = ro.rewards.sum().item()
-        sums["correct"] = ro.correct.float().sum().item()
-    total = dd.all_reduce_sum([sums["reward"], sums["correct"]], d)
-    return {"eval/reward_mean": total[0] / len(examples), "eval/accuracy": total[1] / len(examples)}
+        sums[0] = ro.rewards.sum().item()
+        sums[1] = ro.correct.float().sum().item()
+        if pass_k:
+            sampled = Sampling(n=pass_k, temperature=cfg.rollout.temperature,
+                               top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
+                               stop=task.stop)
+            ro = RolloutSource(task, tokenizer, engine, sampled).collect(mine)
+            sums[2] = ro.correct.any(dim=1).float().sum().item()
+    total = dd.all_reduce_sum(sums, d)
+    out = {"eval/reward_mean": total[0] / len(examples), "eval/accuracy": total[1] / len(examples)}
+    if pass_k:
+        out[f"eval/pass@{pass_k}"] = total[2] / len(examples)
+    return out
 
 
 # ----------------------------------------------------------------------------------------

@@ -294,3 +294,24 @@ def test_sigterm_marks_the_run_killed_and_it_resumes(tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = [m.step for m in c.get_metric_history(runs[0].info.run_id, "train/reward_mean")]
     assert sorted(steps) == list(range(1, last + 2)), "every step once, none lost"
+
+
+def test_a_control_run_spends_its_time_on_the_warm_start_and_is_tagged_control(tmp_path):
+    """The control of the learning comparison: the warm start alone (trainer.max_steps=0),
+    evaluated at its end with pass@k, in its own MLflow run tagged nanovppo.kind=control."""
+    run_cli(tmp_path, "warm_start.steps=2", "warm_start.batch_size=2", "trainer.max_steps=0",
+            "tracking.kind=control", "trainer.eval_pass_k=2")
+    run_cli(tmp_path, "trainer.max_steps=1", "trainer.eval_pass_k=2")
+    c, runs = only_run(tmp_path)
+    kinds = {r.data.tags["nanovppo.kind"]: r for r in runs}
+    assert set(kinds) == {"control", "train"}
+    control, rl = kinds["control"], kinds["train"]
+    assert control.info.status == "FINISHED" and control.info.run_name.startswith("control-")
+    assert [m.step for m in c.get_metric_history(control.info.run_id, "warm_start/loss")] == [-2, -1]
+    for key in ("eval/accuracy", "eval/pass_at_2"):  # MLflow spells pass@2 so
+        assert [m.step for m in c.get_metric_history(control.info.run_id, key)] == [0]
+    assert not [k for k in control.data.metrics if k.startswith("train/")]
+    # the RL run reports pass@k at both ends of its RL phase, and nowhere between
+    assert [m.step for m in c.get_metric_history(rl.info.run_id, "eval/pass_at_2")] == [0, 1]
+    run_dir = Path(control.data.tags["nanovppo.run_dir"])
+    assert (run_dir / "checkpoints" / "step_000000" / "model" / "config.json").is_file()

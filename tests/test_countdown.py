@@ -1,6 +1,7 @@
 """The Countdown reward on good, bad and adversarial outputs, and its data."""
 
 import itertools
+from collections import Counter
 import json
 import time
 from fractions import Fraction
@@ -204,3 +205,33 @@ def test_each_generated_problem_carries_a_solution_and_a_demonstration_that_solv
         assert task.reward(task.prefill + demo, ex).correct, (ex, demo)
     rows = CountdownTask(n_train=3, n_test=2).train_examples
     assert all(task.demonstration({k: r[k] for k in ("nums", "target")}) is None for r in rows)
+
+
+def test_search_demonstrations_compute_each_try_exactly_and_end_at_the_target():
+    """Each line of a search demonstration is a chain "a op b = c, c op d = e (no|yes)":
+    every step's arithmetic holds, the numbers of a line are the problem's, a "(no)" line
+    misses the target and the one "(yes)" line, last, reaches it; the answer is correct."""
+    task = CountdownTask(n_train=300, n_test=10, seed=2, generate={"counts": [3], "low": 1,
+                         "high": 12, "max_target": 36},
+                         demonstration={"style": "search", "max_wrong_tries": 3})
+    wrong = Counter()
+    for ex in task.train_examples:
+        demo = task.demonstration(ex)
+        assert demo == task.demonstration(ex)  # a pure function of the problem
+        assert task.reward(task.prefill + demo, ex).correct, demo
+        lines = demo.split("</think>")[0].split("\n")
+        wrong[len(lines) - 1] += 1
+        for i, line in enumerate(lines):
+            chain, verdict = line.rsplit(" (", 1)
+            assert verdict == ("yes)" if i == len(lines) - 1 else "no)"), demo
+            value, used = None, []
+            for step in chain.split(", "):
+                left, right = step.split(" = ")
+                a, op, b = left.split(" ")
+                assert value is None or Fraction(a) == value or Fraction(b) == value, demo
+                x, y = Fraction(a), Fraction(b)
+                value = x + y if op == "+" else x - y if op == "-" else x * y if op == "*" else x / y
+                assert Fraction(right) == value, step
+            assert (value == ex["target"]) == (i == len(lines) - 1), demo
+    # 0 to 3 wrong tries, each count drawn about equally often (75 of 300 expected each)
+    assert set(wrong) == {0, 1, 2, 3} and min(wrong.values()) > 40, wrong

@@ -130,3 +130,34 @@ def test_collapse_metrics_on_a_scripted_batch():
     m = collapse_metrics(ro, EndsWithDTask())
     assert m == {"train/distinct_completions": pytest.approx(0.625),
                  "train/distinct_answers": pytest.approx(0.375)}
+
+
+def test_evaluate_reports_greedy_accuracy_and_pass_at_k_over_the_same_problems(tiny):
+    """pass@k is the share of test prompts with a correct one among k samples at the
+    rollout temperature. The scripted task calls a response correct when its length is
+    even, so the figure is worked out here from the same engine's samples (an engine of the
+    same seed, greedy first, which draws nothing from the sampler)."""
+    from nanovppo.engines.base import Sampling
+    from nanovppo.engines.hf import HFEngine
+    from nanovppo.rollout import render_prompt
+    from nanovppo.train import evaluate
+    from tests.scripted_tasks import EvenLengthCountdown
+
+    model, tok = tiny
+    cfg = compose_cfg(["model=tiny-random", "rollout.max_new_tokens=5", "trainer.eval_examples=6"])
+    task = EvenLengthCountdown(n_train=4, n_test=6, generate={"counts": [3], "low": 1,
+                                                              "high": 9, "max_target": 50})
+    got = evaluate(HFEngine(model, tok, seed=5), task, tok, cfg, pass_k=3)
+
+    engine = HFEngine(model, tok, seed=5)
+    prompts = [render_prompt(task, tok, ex) for ex in task.test_examples]
+    greedy = engine.generate(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=5,
+                                               stop=task.stop))
+    sampled = engine.generate(prompts, Sampling(n=3, temperature=1.0, max_new_tokens=5,
+                                                stop=task.stop))
+    even = lambda c: len(task.prefill + c.text) % 2 == 0  # noqa: E731 - the task's verdict
+    assert got["eval/accuracy"] == sum(even(g[0]) for g in greedy) / 6
+    assert got["eval/pass@3"] == sum(any(even(c) for c in g) for g in sampled) / 6
+    # not a constant: both halves of the verdict occur among the samples
+    assert {even(c) for g in sampled for c in g} == {True, False}
+    assert "eval/pass@3" not in evaluate(HFEngine(model, tok, seed=5), task, tok, cfg)

@@ -38,6 +38,7 @@ from nanovppo.tasks.arith import InvalidEquation, evaluate
 from nanovppo.tasks.base import Reward, Task, load_records, shaping_weights, split_rows
 
 SHAPING = ("format", "numbers", "closeness")
+DEMONSTRATION_STYLES = ("direct", "search")
 
 SYSTEM = ("You are a helpful assistant. You first think about the reasoning process "
           "and then give the answer.")
@@ -184,10 +185,17 @@ class CountdownTask(Task):
                  data_files=None, generate: dict | None = None, n_train: int = 2000,
                  n_test: int = 64, seed: int = 0, system_prompt: str | None = SYSTEM,
                  user_template: str = USER, prefill: str = "<think>",
-                 shaping: dict | None = None):
+                 shaping: dict | None = None, demonstration: dict | None = None):
         super().__init__(system_prompt, user_template, prefill)
         self.name = name
         self.shaping = shaping_weights(shaping, SHAPING, "task.shaping")
+        demo = dict(demonstration or {"style": "direct", "max_wrong_tries": 0})
+        if set(demo) != {"style", "max_wrong_tries"} or demo["style"] not in DEMONSTRATION_STYLES \
+                or not (isinstance(demo["max_wrong_tries"], int) and demo["max_wrong_tries"] >= 0):
+            raise ConfigError("task.demonstration takes style (direct or search) and "
+                              f"max_wrong_tries (an integer >= 0); got {demo}")
+        self.demo_style, self.max_wrong_tries = demo["style"], demo["max_wrong_tries"]
+        self.seed = seed
         if source == "generate":
             keys = ("counts", "low", "high", "max_target")  # conf/task/countdown.yaml
             g = dict(generate or {})
@@ -226,10 +234,41 @@ class CountdownTask(Task):
 
     def demonstration(self, example: dict) -> str | None:
         """A response that solves ``example``, written from the solution the generator
-        recorded (None for problems loaded without one). It continues the prefill."""
+        recorded (None for problems loaded without one). It continues the prefill.
+
+        ``direct``: the solution's steps, then the answer. ``search``: first 0 to
+        ``max_wrong_tries`` other combinations of the numbers, each computed exactly and
+        marked ``(no)`` as its value misses the target, then the solution's steps marked
+        ``(yes)``: a search to imitate, whose checks the answer can rest on.
+
+        >>> task = CountdownTask(n_train=1, n_test=1, generate={"counts": [3], "low": 1,
+        ...     "high": 9, "max_target": 50}, demonstration={"style": "search", "max_wrong_tries": 2})
+        >>> ex = {"nums": [2, 3, 6], "target": 12, "solution": "(6 - 2) * 3",
+        ...       "steps": ["6 - 2 = 4", "4 * 3 = 12"]}
+        >>> print(task.demonstration(ex))  # 3 * 6 * 2 = 36 and 6 / 3 / 2 = 1 miss 12
+        3 * 6 = 18, 18 * 2 = 36 (no)
+        6 / 3 = 2, 2 / 2 = 1 (no)
+        6 - 2 = 4, 4 * 3 = 12 (yes)</think> <answer>(6 - 2) * 3</answer>
+        """
         if "solution" not in example:
             return None
-        return f"{', '.join(example['steps'])}</think> <answer>{example['solution']}</answer>"
+        right = ", ".join(example["steps"])
+        answer = f"</think> <answer>{example['solution']}</answer>"
+        if self.demo_style == "direct":
+            return right + answer
+        key = f"{self.seed}:{sorted(example['nums'])}={example['target']}".encode()
+        rng = random.Random(hashlib.sha256(key).digest())
+        wanted = rng.randint(0, self.max_wrong_tries)
+        tries, seen = [], {right}
+        for _ in range(20 * wanted):  # a few problems have fewer wrong combinations
+            if len(tries) == wanted:
+                break
+            made = _random_target(list(example["nums"]), rng)
+            if made is None or made[0] == example["target"] or ", ".join(made[2]) in seen:
+                continue
+            seen.add(", ".join(made[2]))
+            tries.append(", ".join(made[2]) + " (no)")
+        return "\n".join(tries + [right + " (yes)"]) + answer
 
     def reward(self, response: str, example: dict) -> Reward:
         nums = example["nums"]
