@@ -3,11 +3,14 @@
     nanovppo-plot --experiment nanovppo --group-by algo.name \\
         --metrics train/reward_mean train/accuracy --out outputs/plots/algos.png
     nanovppo-plot --run-ids ID1 ID2 --group-by algo.lr --log   # also log the PNG to MLflow
+    nanovppo-plot --group-by nanovppo.kind --x minutes --metrics eval/accuracy  # RL vs control
 
 Runs come from an experiment (optionally narrowed by an MLflow ``--filter`` such as
 "params.task.name = 'countdown'") or from explicit run ids. Each group (runs with the
-same value of the ``--group-by`` param) is drawn as the mean over its runs, with a band
-from the lowest to the highest run at each step.
+same value of the ``--group-by`` param, or tag such as ``nanovppo.kind``) is drawn as the
+mean over its runs, with a band from the lowest to the highest run at each step. With
+``--x minutes`` each run is drawn on its own against wall-clock minutes since it started
+(runs of one group share a colour), so that runs of different speeds compare fairly.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from nanovppo.tracking import default_tracking_uri
 
 
 def collect(client: MlflowClient, experiment: str | None, run_ids: list[str] | None,
-            filter_string: str, group_by: str, metrics: list[str]):
-    """{group value: {metric: [(steps, values) per run]}} and the runs used."""
+            filter_string: str, group_by: str, metrics: list[str], x: str = "step"):
+    """{group value: {metric: [(xs, values) per run]}} and the runs used; xs are steps or
+    minutes since the run started."""
     if run_ids:
         runs = [client.get_run(r) for r in run_ids]
     else:
@@ -34,16 +38,19 @@ def collect(client: MlflowClient, experiment: str | None, run_ids: list[str] | N
             raise SystemExit(f"error: no MLflow experiment named {experiment!r}")
         runs = client.search_runs([exp.experiment_id], filter_string=filter_string,
                                   max_results=5000)
-    # plots and evaluations are not training curves; failed or killed runs stop early
-    runs = [r for r in runs if not r.data.tags.get("nanovppo.kind")
+    # training runs and their controls; plots and evaluations are not training curves, and
+    # failed or killed runs stop early
+    runs = [r for r in runs if r.data.tags.get("nanovppo.kind", "train") in ("train", "control")
             and r.info.status in ("FINISHED", "RUNNING")]
     if not runs:
         raise SystemExit("error: no runs matched")
     data: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        group = run.data.params.get(group_by, "(unset)")
+        group = run.data.params.get(group_by, run.data.tags.get(group_by, "(unset)"))
         for m in metrics:
-            history = sorted((h.step, h.value) for h in client.get_metric_history(run.info.run_id, m))
+            history = sorted((h.step, h.value) if x == "step" else
+                             ((h.timestamp - run.info.start_time) / 60_000, h.value)
+                             for h in client.get_metric_history(run.info.run_id, m))
             if history:
                 steps, values = zip(*history)
                 data[group][m].append((np.array(steps), np.array(values)))
@@ -57,7 +64,8 @@ def band(curves: list[tuple[np.ndarray, np.ndarray]]):
     return np.array(common), table.mean(0), table.min(0), table.max(0)
 
 
-def draw(data, metrics: list[str], group_by: str, out: Path, title: str | None) -> Path:
+def draw(data, metrics: list[str], group_by: str, out: Path, title: str | None,
+         x: str = "step") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,12 +77,19 @@ def draw(data, metrics: list[str], group_by: str, out: Path, title: str | None) 
             curves = data[group].get(metric)
             if not curves:
                 continue
+            if x == "minutes":  # runs of one group do not share times: one line each
+                colour = None
+                for i, (xs, values) in enumerate(curves):
+                    line, = ax.plot(xs, values, marker="o", markersize=3, color=colour,
+                                    label=f"{group_by}={group} (n={len(curves)})" if i == 0 else None)
+                    colour = line.get_color()
+                continue
             steps, mean, lo, hi = band(curves)
             line, = ax.plot(steps, mean, label=f"{group_by}={group} (n={len(curves)})")
             if len(curves) > 1:
                 ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
         ax.set_title(metric)
-        ax.set_xlabel("step")
+        ax.set_xlabel("minutes since the run started" if x == "minutes" else "step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
@@ -98,14 +113,16 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--metrics", nargs="+", default=["train/reward_mean"])
     p.add_argument("--out", default="outputs/plots/compare.png")
     p.add_argument("--title", default=None)
+    p.add_argument("--x", choices=("step", "minutes"), default="step",
+                   help="x axis: the step, or wall-clock minutes since each run started")
     p.add_argument("--log", action="store_true",
                    help="log the PNG to a new MLflow run (tagged nanovppo.kind=plot)")
     args = p.parse_args(argv)
     uri = args.tracking_uri or default_tracking_uri(args.outputs)
     client = MlflowClient(tracking_uri=uri)
     data, runs = collect(client, args.experiment, args.run_ids, args.filter, args.group_by,
-                         args.metrics)
-    out = draw(data, args.metrics, args.group_by, Path(args.out), args.title)
+                         args.metrics, args.x)
+    out = draw(data, args.metrics, args.group_by, Path(args.out), args.title, args.x)
     print(f"wrote {out} from {len(runs)} runs in {len(data)} groups of {args.group_by}")
     if args.log:
         run = client.create_run(runs[0].info.experiment_id, run_name=f"plot-{out.stem}",

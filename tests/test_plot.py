@@ -56,3 +56,23 @@ def test_cli_writes_and_logs_a_png(store, tmp_path, capsys):
 def test_unknown_experiment_is_a_clear_error(store, tmp_path):
     with pytest.raises(SystemExit, match="no MLflow experiment named 'nope'"):
         main(["--tracking-uri", store, "--experiment", "nope", "--out", str(tmp_path / "x.png")])
+
+
+def test_group_by_a_tag_against_minutes_keeps_controls_and_drops_evaluations(tmp_path):
+    """RL runs and their controls (tagged nanovppo.kind) grouped by that tag, against
+    minutes since each run started: a metric logged 90 s after the start sits at 1.5."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    for kind in ("train", "control", "eval"):
+        t = Tracker(uri, "lc", run_name=kind, tags={"nanovppo.kind": kind},
+                    artifact_dir=tmp_path / "art")
+        start = client.get_run(t.run_id).info.start_time
+        client.log_metric(t.run_id, "eval/accuracy", 0.5, timestamp=start + 90_000, step=0)
+        t.finish()
+    data, runs = collect(client, "lc", None, "", "nanovppo.kind", ["eval/accuracy"], x="minutes")
+    assert sorted(data) == ["control", "train"] and len(runs) == 2
+    [(xs, values)] = data["control"]["eval/accuracy"]
+    assert xs.tolist() == [1.5] and values.tolist() == [0.5]
+    out = main(["--tracking-uri", uri, "--experiment", "lc", "--group-by", "nanovppo.kind",
+                "--x", "minutes", "--metrics", "eval/accuracy", "--out", str(tmp_path / "m.png")])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
