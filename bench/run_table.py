@@ -26,7 +26,7 @@ def main() -> None:
     print(f"{'run':28} {'wall min':>8} {'first5':>7} {'last5':>7} {'step s':>7} {'rollout':>8} "
           f"{'values':>7} {'update':>7} {'tok/s':>6}")
     for run in runs:
-        if run.data.tags.get("nanovppo.kind"):
+        if run.data.tags.get("nanovppo.kind", "train") != "train":
             continue
         hist = lambda k: [m.value for m in sorted(client.get_metric_history(run.info.run_id, k),
                                                    key=lambda m: m.step)]

@@ -12,14 +12,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # Small settings for runs on the tiny random model.
-TINY = ["model=tiny-random", "trainer.prompts_per_step=2", "algo.group_size=2",
+TINY = ["experiment=bare", "model=tiny-random", "trainer.prompts_per_step=2", "algo.group_size=2",
         "rollout.max_new_tokens=6", "trainer.eval_examples=2", "trainer.progress=false",
         "task.n_train=50", "task.n_test=4"]
 
 
 def compose_cfg(overrides=(), tmp_path: Path | None = None):
+    """The config of conf/config.yaml alone (no recipe: ``experiment=bare``) with
+    ``overrides``, unless they name a recipe (``experiment=...``)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         extra = [f"paths.outputs={tmp_path}"] if tmp_path else []
+        if not any(o.startswith("experiment=") for o in overrides):
+            extra.append("experiment=bare")
         return compose(config_name="config", overrides=[*extra, *overrides])
 
 

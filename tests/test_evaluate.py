@@ -39,7 +39,7 @@ def test_majority_vote_by_hand():
 def run_eval(tmp_path, *args, check=True):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "nanovppo.evaluate", "model=tiny-random",
+    cmd = [sys.executable, "-m", "nanovppo.evaluate", "experiment=bare", "model=tiny-random",
            "trainer.progress=false", f"paths.outputs={tmp_path}", "rollout.max_new_tokens=8",
            *args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -79,3 +79,28 @@ def test_evaluate_a_trained_run_by_checkpoint_and_by_run_id(tmp_path):
     bad = run_eval(tmp_path, *base, "eval.n=4", check=False)
     assert bad.returncode == 2 and "temperature" in bad.stderr
 
+
+
+def test_evaluating_a_runs_last_checkpoint_reproduces_its_last_accuracy(tmp_path, monkeypatch):
+    """The same test problems and greedy decoding as the run's last evaluation: the same
+    accuracy and mean reward. The scripted task (a response is correct when its length is
+    even) gives the tiny model an accuracy that is neither 0 nor 1 to match."""
+    from tests.test_cli import ROOT
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    task = ["task._target_=tests.scripted_tasks.EvenLengthCountdown", "task.n_train=50",
+            "task.n_test=16"]
+    run_cli(tmp_path, "trainer.max_steps=2", "algo.lr=1e-3", "trainer.eval_examples=16",
+            "rollout.max_new_tokens=8", *task)
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [train_run] = c.search_runs([c.get_experiment_by_name("nanovppo").experiment_id])
+    last = {k: c.get_metric_history(train_run.info.run_id, k)[-1] for k in
+            ("eval/accuracy", "eval/reward_mean")}
+    assert last["eval/accuracy"].step == 2 and 0 < last["eval/accuracy"].value < 1
+    proc = run_eval(tmp_path, *task, "eval.examples=16",
+                    f"eval.checkpoint={train_run.data.tags['nanovppo.run_dir']}")
+    assert "tiny-random@step_000002" in proc.stdout
+    got = {line.split()[0]: float(line.split()[1]) for line in proc.stdout.splitlines()
+           if line.split() and line.split()[0] in ("greedy_accuracy", "reward_mean")}
+    assert got["greedy_accuracy"] == pytest.approx(last["eval/accuracy"].value, abs=1e-6)
+    assert got["reward_mean"] == pytest.approx(last["eval/reward_mean"].value, abs=1e-4)

@@ -115,7 +115,8 @@ def test_a_lora_run_warm_starts_resumes_evaluates_and_exports_a_model_vllm_loads
 
     out = run_cli(tmp_path, f"eval.checkpoint={run_dir}", "eval.log_to_mlflow=false",
                   "trainer.progress=false", module="nanovppo.evaluate",
-                  base=[t for t in TINY if t.startswith(("model=", "task.", "rollout."))] + VLLM_SIZES)
+                  base=[t for t in TINY if t.startswith(("experiment=", "model=", "task.", "rollout."))]
+                  + VLLM_SIZES)
     assert "step_000003" in out.stdout and "greedy_accuracy" in out.stdout
 
     export = tmp_path / "exported"

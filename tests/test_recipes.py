@@ -56,3 +56,29 @@ def test_presets_hold_their_papers_aggregation_and_kl():
     assert make_algo("rloo").loss_agg == "seq-mean-token-sum"
     b = make_algo("reinforce_pp_baseline")
     assert (b.kl_coef, b.kl_estimator, b.kl_in_loss) == (1e-3, "k3", True)
+
+
+def test_the_default_run_is_countdown_cpu_and_its_control_changes_only_the_phases():
+    """`make train` with no arguments runs conf/experiment/countdown_cpu.yaml; its control
+    is the same config but for a longer warm start, no RL and the kind tag."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        default = compose(config_name="config")
+    assert default == compose_cfg(["experiment=countdown_cpu"])
+    assert default.inference_backend.name == "vllm" and default.warm_start.steps > 0
+    assert default.trainer.eval_examples >= 256 and default.trainer.eval_pass_k == 8
+
+    def flat(cfg, prefix=""):
+        out = {}
+        for k, v in OmegaConf.to_container(cfg, resolve=False).items():
+            key = f"{prefix}{k}"
+            out.update(flat(OmegaConf.create(v), key + ".") if isinstance(v, dict) else {key: v})
+        return out
+
+    a, b = flat(default), flat(compose_cfg(["experiment=control"]))
+    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {
+        "warm_start.steps", "trainer.max_steps", "tracking.kind"}
+    assert b["warm_start.steps"] > a["warm_start.steps"] and b["trainer.max_steps"] == 0
+    assert b["tracking.kind"] == "control"

@@ -145,7 +145,8 @@ def test_the_cli_refuses_a_bad_value_with_one_line_before_loading_a_model(tmp_pa
                                                                           key):
     """4 test problems, so eval_examples=5 is one too many. The model folder does not
     exist: the check must come before the model loads, or that error would show."""
-    cmd = [sys.executable, "-m", "nanovppo.train", "task.n_test=4", "trainer.eval_examples=2",
+    cmd = [sys.executable, "-m", "nanovppo.train", "experiment=bare", "task.n_test=4",
+           "trainer.eval_examples=2",
            f"paths.outputs={tmp_path}", "model.source=dir", f"model.path={tmp_path}/none",
            override]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
