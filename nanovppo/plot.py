@@ -28,8 +28,8 @@ from nanovppo.tracking import default_tracking_uri
 
 def collect(client: MlflowClient, experiment: str | None, run_ids: list[str] | None,
             filter_string: str, group_by: str, metrics: list[str], x: str = "step"):
-    """{group value: {metric: [(xs, values) per run]}} and the runs used; xs are steps or
-    minutes since the run started."""
+    """{group value: {metric: [(xs, values) per run]}} and the runs used; xs are steps, or
+    minutes since the run started (then each entry also holds the run's name)."""
     if run_ids:
         runs = [client.get_run(r) for r in run_ids]
     else:
@@ -53,7 +53,9 @@ def collect(client: MlflowClient, experiment: str | None, run_ids: list[str] | N
                              for h in client.get_metric_history(run.info.run_id, m))
             if history:
                 steps, values = zip(*history)
-                data[group][m].append((np.array(steps), np.array(values)))
+                curve = (np.array(steps), np.array(values))
+                # against minutes each run is its own line, named by its run name
+                data[group][m].append(curve if x == "step" else (*curve, run.info.run_name))
     return data, runs
 
 
@@ -79,9 +81,10 @@ def draw(data, metrics: list[str], group_by: str, out: Path, title: str | None,
                 continue
             if x == "minutes":  # runs of one group do not share times: one line each
                 colour = None
-                for i, (xs, values) in enumerate(curves):
+                for i, (xs, values, name) in enumerate(curves):
                     line, = ax.plot(xs, values, marker="o", markersize=3, color=colour,
-                                    label=f"{group_by}={group} (n={len(curves)})" if i == 0 else None)
+                                    linestyle=("-", "--", ":", "-.")[i % 4],
+                                    label=f"{group_by}={group}: {name}")
                     colour = line.get_color()
                 continue
             steps, mean, lo, hi = band(curves)

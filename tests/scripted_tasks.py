@@ -11,3 +11,14 @@ class EvenLengthCountdown(CountdownTask):
 
     def reward(self, response: str, example: dict) -> Reward:
         return Reward(len(response) % 2 == 0, super().reward(response, example).shaping)
+
+
+class TargetParityCountdown(CountdownTask):
+    """Countdown's prompts; a response is "correct" when its length in characters plus the
+    problem's target is even, so the verdict depends on both the problem and the response
+    (the tiny model's greedy responses all have one length, and about half the targets are
+    even)."""
+
+    def reward(self, response: str, example: dict) -> Reward:
+        return Reward((len(response) + example["target"]) % 2 == 0,
+                      super().reward(response, example).shaping)

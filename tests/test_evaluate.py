@@ -83,12 +83,13 @@ def test_evaluate_a_trained_run_by_checkpoint_and_by_run_id(tmp_path):
 
 def test_evaluating_a_runs_last_checkpoint_reproduces_its_last_accuracy(tmp_path, monkeypatch):
     """The same test problems and greedy decoding as the run's last evaluation: the same
-    accuracy and mean reward. The scripted task (a response is correct when its length is
-    even) gives the tiny model an accuracy that is neither 0 nor 1 to match."""
+    accuracy and mean reward. The scripted task (a response is correct when its length plus
+    the target is even) gives the tiny model an accuracy that is neither 0 nor 1 to match,
+    and one that other problems or another decoding would change."""
     from tests.test_cli import ROOT
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    task = ["task._target_=tests.scripted_tasks.EvenLengthCountdown", "task.n_train=50",
+    task = ["task._target_=tests.scripted_tasks.TargetParityCountdown", "task.n_train=50",
             "task.n_test=16"]
     run_cli(tmp_path, "trainer.max_steps=2", "algo.lr=1e-3", "trainer.eval_examples=16",
             "rollout.max_new_tokens=8", *task)

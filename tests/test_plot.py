@@ -71,8 +71,8 @@ def test_group_by_a_tag_against_minutes_keeps_controls_and_drops_evaluations(tmp
         t.finish()
     data, runs = collect(client, "lc", None, "", "nanovppo.kind", ["eval/accuracy"], x="minutes")
     assert sorted(data) == ["control", "train"] and len(runs) == 2
-    [(xs, values)] = data["control"]["eval/accuracy"]
-    assert xs.tolist() == [1.5] and values.tolist() == [0.5]
+    [(xs, values, name)] = data["control"]["eval/accuracy"]
+    assert xs.tolist() == [1.5] and values.tolist() == [0.5] and name == "control"
     out = main(["--tracking-uri", uri, "--experiment", "lc", "--group-by", "nanovppo.kind",
                 "--x", "minutes", "--metrics", "eval/accuracy", "--out", str(tmp_path / "m.png")])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
