@@ -14,7 +14,7 @@ import statistics
 
 from mlflow.tracking import MlflowClient
 
-from nanovppo.tracking import default_tracking_uri
+from nanovppo.tracking import default_tracking_uri, experiment_runs, kind_of
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -29,7 +29,7 @@ def row(client: MlflowClient, run) -> dict:
     med = lambda k: statistics.median(v for _, v in history(client, rid, k)) if k in run.data.metrics else float("nan")  # noqa: E731
     zero = [v for _, v in history(client, rid, "train/frac_reward_zero_std")]
     return {
-        "run": run.info.run_name, "kind": run.data.tags.get("nanovppo.kind", "train"),
+        "run": run.info.run_name, "kind": kind_of(run),
         "seed": run.data.params.get("seed"), "status": run.info.status,
         "wall min": ((run.info.end_time or run.info.start_time) - run.info.start_time) / 60_000,
         "warm s": run.data.metrics.get("warm_start/seconds", float("nan")),
@@ -50,11 +50,9 @@ def main() -> None:
     p.add_argument("--tracking-uri", default=None)
     args = p.parse_args()
     client = MlflowClient(args.tracking_uri or default_tracking_uri("outputs"))
-    exp = client.get_experiment_by_name(args.experiment)
-    if exp is None:
-        raise SystemExit(f"error: no MLflow experiment named {args.experiment!r}")
-    runs = [r for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
-            if r.data.tags.get("nanovppo.kind", "train") in ("train", "control")]
+    runs = [r for r in experiment_runs(client, args.experiment,
+                                       order_by=["attributes.start_time ASC"])
+            if kind_of(r) in ("train", "control")]
     rows = [row(client, r) for r in runs]
     if not rows:
         raise SystemExit("error: no training or control runs")

@@ -11,7 +11,7 @@ import statistics
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from nanovppo.tracking import default_tracking_uri
+from nanovppo.tracking import default_tracking_uri, experiment_runs, kind_of
 
 
 def main() -> None:
@@ -20,13 +20,12 @@ def main() -> None:
     p.add_argument("--tracking-uri", default=None)
     args = p.parse_args()
     client = MlflowClient(args.tracking_uri or default_tracking_uri("outputs"))
-    exp = client.get_experiment_by_name(args.experiment)
-    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time ASC"])
+    runs = experiment_runs(client, args.experiment, "attributes.status = 'FINISHED'",
+                           order_by=["attributes.start_time ASC"])
     print(f"{'run':28} {'wall min':>8} {'first5':>7} {'last5':>7} {'step s':>7} {'rollout':>8} "
           f"{'values':>7} {'update':>7} {'tok/s':>6}")
     for run in runs:
-        if run.data.tags.get("nanovppo.kind", "train") != "train":
+        if kind_of(run) != "train":
             continue
         hist = lambda k: [m.value for m in sorted(client.get_metric_history(run.info.run_id, k),
                                                    key=lambda m: m.step)]

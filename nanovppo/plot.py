@@ -23,24 +23,18 @@ from pathlib import Path
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from nanovppo.tracking import default_tracking_uri
+from nanovppo.tracking import default_tracking_uri, experiment_runs, kind_of
 
 
 def collect(client: MlflowClient, experiment: str | None, run_ids: list[str] | None,
             filter_string: str, group_by: str, metrics: list[str], x: str = "step"):
     """{group value: {metric: [(xs, values) per run]}} and the runs used; xs are steps, or
     minutes since the run started (then each entry also holds the run's name)."""
-    if run_ids:
-        runs = [client.get_run(r) for r in run_ids]
-    else:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise SystemExit(f"error: no MLflow experiment named {experiment!r}")
-        runs = client.search_runs([exp.experiment_id], filter_string=filter_string,
-                                  max_results=5000)
+    runs = ([client.get_run(r) for r in run_ids] if run_ids
+            else experiment_runs(client, experiment, filter_string))
     # training runs and their controls; plots and evaluations are not training curves, and
     # failed or killed runs stop early
-    runs = [r for r in runs if r.data.tags.get("nanovppo.kind", "train") in ("train", "control")
+    runs = [r for r in runs if kind_of(r) in ("train", "control")
             and r.info.status in ("FINISHED", "RUNNING")]
     if not runs:
         raise SystemExit("error: no runs matched")

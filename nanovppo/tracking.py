@@ -200,6 +200,23 @@ class Tracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
+def experiment_runs(client: MlflowClient, experiment: str, filter_string: str = "",
+                    order_by: list[str] | None = None) -> list:
+    """The runs of an MLflow experiment (an MLflow ``filter_string`` narrows them); an
+    experiment that does not exist is a one-line error."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SystemExit(f"error: no MLflow experiment named {experiment!r}")
+    return client.search_runs([exp.experiment_id], filter_string=filter_string,
+                              max_results=5000, order_by=order_by)
+
+
+def kind_of(run) -> str:
+    """A run's ``nanovppo.kind`` tag: train, control, eval or plot (train for runs logged
+    before the tag existed)."""
+    return run.data.tags.get("nanovppo.kind", "train")
+
+
 def checkpoint_of_model(uri: str, model_uri: str) -> Path:
     """The checkpoint folder behind a ``models:/<id>`` URI that ``log_checkpoint`` made."""
     model_id = model_uri.removeprefix("models:/").strip("/")

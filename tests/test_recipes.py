@@ -64,18 +64,16 @@ def test_the_default_run_is_countdown_cpu_and_its_control_changes_only_the_phase
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from nanovppo.tracking import flatten
+
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         default = compose(config_name="config")
     assert default == compose_cfg(["experiment=countdown_cpu"])
     assert default.inference_backend.name == "vllm" and default.warm_start.steps > 0
     assert default.trainer.eval_examples >= 256 and default.trainer.eval_pass_k == 8
 
-    def flat(cfg, prefix=""):
-        out = {}
-        for k, v in OmegaConf.to_container(cfg, resolve=False).items():
-            key = f"{prefix}{k}"
-            out.update(flat(OmegaConf.create(v), key + ".") if isinstance(v, dict) else {key: v})
-        return out
+    def flat(cfg):
+        return flatten(OmegaConf.to_container(cfg, resolve=False))
 
     a, b = flat(default), flat(compose_cfg(["experiment=control"]))
     assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {
