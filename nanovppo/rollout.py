@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanovppo.engines.base import Completion, Sampling
+from nanovppo.errors import ConfigError
 
 
 @dataclass
@@ -81,6 +82,52 @@ def render_prompt(task, tokenizer, example: dict) -> list[int]:
     text = tokenizer.apply_chat_template(task.messages(example), tokenize=False,
                                          add_generation_prompt=True) + task.prefill
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def context_length(cfg, model) -> int:
+    """Tokens of prompt and completion that the run can take: the model's positions, and
+    the engine's own limit where it has one (vLLM's ``max_model_len``)."""
+    limit = int(getattr(model.config, "max_position_embeddings", None) or 1 << 30)
+    if "max_model_len" in cfg.inference_backend:
+        limit = min(limit, int(cfg.inference_backend.max_model_len))
+    return limit
+
+
+def drop_over_context(task, tokenizer, context: int, max_new_tokens: int) -> dict[str, int]:
+    """Remove the training and test examples whose prompt leaves fewer than
+    ``max_new_tokens`` of the ``context`` tokens (a prompt is never cut); returns how many
+    of each were removed. A prompt is tokenized only when a bound on its length does not
+    already show that it fits: the first example's whole prompt in tokens (at least the
+    template's own) plus the UTF-8 bytes of this example's text (at least its tokens)."""
+    budget = context - max_new_tokens
+    if budget <= 0:
+        raise ConfigError(f"rollout.max_new_tokens={max_new_tokens} leaves no room for a "
+                          f"prompt in the {context}-token context")
+    examples = task.train_examples + task.test_examples
+    if not examples:
+        return {"train": 0, "test": 0}
+    template = len(render_prompt(task, tokenizer, examples[0]))
+
+    def text_bytes(example) -> int:
+        raw = task.prompt_text(example)
+        parts = [raw] if raw is not None else [m["content"] for m in task.messages(example)]
+        return sum(len(p.encode()) for p in parts) + len(task.prefill.encode())
+
+    def fits(example) -> bool:
+        return (template + text_bytes(example) <= budget
+                or len(render_prompt(task, tokenizer, example)) <= budget)
+
+    dropped = {}
+    for split in ("train", "test"):
+        kept = [ex for ex in getattr(task, f"{split}_examples") if fits(ex)]
+        dropped[split] = len(getattr(task, f"{split}_examples")) - len(kept)
+        setattr(task, f"{split}_examples", kept)
+    if not task.train_examples or (dropped["test"] and not task.test_examples):
+        raise ConfigError(f"no {'training' if not task.train_examples else 'test'} prompt of "
+                          f"task {task.name} fits the {context}-token context with "
+                          f"rollout.max_new_tokens={max_new_tokens}; raise the engine's "
+                          "max_model_len or use a model with a longer context")
+    return dropped
 
 
 class RolloutSource:

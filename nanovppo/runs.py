@@ -126,21 +126,28 @@ def make_tracker(cfg, run_dir: Path, state, task, launch: Launch) -> Tracker:
 
 
 def save_checkpoint(run_dir, step, cfg, model, policy, tokenizer, optimizer, scheduler,
-                    engine, tracker, d: dd.Dist, whole: bool = False):
+                    engine, tracker, d: dd.Dist, whole: bool = False, ema=None):
     """Every rank contributes (whole FSDP2 tensors are gathered); rank 0 writes it and
     registers it in MLflow as a logged model. Returns (its folder, the model id) on rank 0.
-    ``whole``: a LoRA policy is saved with its adapters merged in, as a plain model."""
+    ``whole``: a LoRA policy is saved with its adapters merged in, as a plain model.
+    ``ema``: the policy's EMA, saved whole from rank 0, or each rank's shard under FSDP2."""
     model_state, optim_state = dd.full_state_dicts(model, optimizer, d)
     if whole:
         policy, model_state = lora_mod.merged_model(policy), None
-    ranks = dd.gather_objects({"rng": ckpt.rng_state(), "engine": engine.state_dict()}, d)
+    mine = {"rng": ckpt.rng_state(), "engine": engine.state_dict()}
+    extra = {}
+    if ema is not None and ema.sharded:
+        mine["ema"] = ema.state_dict()
+    elif ema is not None:
+        extra["ema"] = ema.state_dict()
+    ranks = dd.gather_objects(mine, d)
     path = model_id = None
     if d.main:
         if model_state is not None:  # keys of the log-prob module around the policy: drop "model."
             model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
         path = ckpt.save_checkpoint(
             run_dir, step, cfg, policy, tokenizer, optim_state, scheduler,
-            {"mlflow_run_id": tracker.run_id, "ranks": ranks, "world_size": d.world},
+            {"mlflow_run_id": tracker.run_id, "ranks": ranks, "world_size": d.world, **extra},
             keep=cfg.trainer.keep_checkpoints, model_state=model_state)
         if cfg.tracking.log_models:
             model_id = tracker.log_checkpoint(step, path, {"algo": cfg.algo.name,

@@ -105,6 +105,8 @@ RULES: dict[str, Rule] = {
     "trainer.lr_schedule": choice("constant", "cosine", "linear"),
     "trainer.weight_decay": number(0),
     "trainer.adam_betas": BETAS,
+    "trainer.optimizer": choice("adamw", "adamw8bit"),
+    "trainer.ema": optional(number(0, 1, low_open=True, high_open=True)),
     "trainer.max_grad_norm": optional(number(0, low_open=True)),
     "trainer.eval_every": integer(0),
     "trainer.eval_examples": integer(0),

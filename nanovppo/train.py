@@ -36,12 +36,13 @@ from nanovppo import distributed as dd
 from nanovppo import lora as lora_mod
 from nanovppo import memory
 from nanovppo.config import CONF_DIR, build, seed_everything
+from nanovppo.ema import EMA
 from nanovppo.engines.base import Sampling
 from nanovppo.errors import ConfigError, NanovppoError
 from nanovppo.optim import adamw, lr_factor
 from nanovppo.policy import load_policy, reference_model, sync_engine
 from nanovppo.progress import bar, logging_redirect_tqdm
-from nanovppo.rollout import RolloutSource, render_prompt
+from nanovppo.rollout import RolloutSource, context_length, drop_over_context, render_prompt
 from nanovppo.schema import check_against_task, check_config
 from nanovppo.runs import Launch, finish, make_tracker, prepare_run, save_checkpoint
 from nanovppo.tracking import Tracker
@@ -89,6 +90,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     correction: dict | None        # the engine/trainer mismatch correction (None: off)
     sync: SyncCheck | None         # checks each weight push (None: nothing is pushed)
+    ema: EMA | None                # trainer.ema: the policy's average (None: off)
     tracker: Tracker | None        # rank 0 only
     start_step: int                # steps already done (a resumed run's checkpoint)
     start_metrics: dict            # a new run: the warm start's figures
@@ -118,16 +120,25 @@ def build_run(cfg: DictConfig, run_dir, launch: Launch, d: dd.Dist) -> Run:
                           "FSDP2 shards the frozen base for nothing")
     resuming = state is not None
     policy, tokenizer = load_policy(cfg, policy_cfg, run_dir, resuming, device)
+    # A prompt that leaves no room for rollout.max_new_tokens is dropped, never cut.
+    dropped = drop_over_context(task, tokenizer, context_length(cfg, policy),
+                                cfg.rollout.max_new_tokens)
+    if any(dropped.values()) and d.main:
+        log.warning("%d training and %d test prompts of task %s do not fit the %d-token "
+                    "context with rollout.max_new_tokens=%d: dropped (%d and %d remain)",
+                    dropped["train"], dropped["test"], task.name, context_length(cfg, policy),
+                    cfg.rollout.max_new_tokens, len(task.train_examples), len(task.test_examples))
     tracker = make_tracker(cfg, run_dir, state, task, launch) if d.main else None
     wrap = lambda p: dd.wrap(logprob_module(p, fast, not d.on), strategy, d, device)  # noqa: E731
-    model, start_metrics = None, {}
+    model = None
+    start_metrics = {f"data/dropped_over_context_{k}": float(v) for k, v in dropped.items()}
     if not resuming and cfg.warm_start.steps > 0:
         if sharded and cfg.inference_backend.name == "hf":
             raise ConfigError("warm_start.steps > 0 under FSDP2 needs the vllm or sglang "
                               "engine (the hf engine copies the policy before it is sharded)"
                               "; or use hardware.strategy=ddp")
         model = wrap(policy)
-        start_metrics = warm_start(cfg, task, tokenizer, model, tracker, d)
+        start_metrics.update(warm_start(cfg, task, tokenizer, model, tracker, d))
         if lora:  # RL starts from the warm-started weights, with fresh adapters over them
             policy = lora_mod.add_adapters(policy.merge_and_unload(), lora)
             model = None
@@ -150,9 +161,14 @@ def build_run(cfg: DictConfig, run_dir, launch: Launch, d: dd.Dist) -> Run:
     # Only what trains reaches the optimizer (with LoRA: the adapters).
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=algo.lr,
                       betas=tuple(cfg.trainer.adam_betas),
-                      weight_decay=cfg.trainer.weight_decay, seed=cfg.seed)
+                      weight_decay=cfg.trainer.weight_decay, seed=cfg.seed,
+                      kind=cfg.trainer.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(
         cfg.trainer.warmup_steps, cfg.trainer.max_steps, cfg.trainer.lr_schedule))
+    ema = None
+    if cfg.trainer.ema is not None:  # averaged after each optimizer step (nanovppo/ema.py)
+        ema = EMA(policy, cfg.trainer.ema)
+        ema.hook(optimizer)
     start_step = 0
     if resuming:
         start_step = state["step"]
@@ -164,6 +180,12 @@ def build_run(cfg: DictConfig, run_dir, launch: Launch, d: dd.Dist) -> Run:
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(ranks[d.rank]["rng"])
         engine.load_state_dict(ranks[d.rank]["engine"])
+        if ema is not None:
+            saved = ranks[d.rank].get("ema") or state.get("ema")
+            if saved is None:
+                raise ConfigError(f"resume={run_dir}: trainer.ema={cfg.trainer.ema}, but the "
+                                  "run's checkpoint holds no EMA (it ran with trainer.ema=null)")
+            ema.load_state_dict(saved)
         if d.main:
             log.info("resuming %s from step %d", run_dir, start_step)
     sampling = Sampling(n=algo.group_size, temperature=cfg.rollout.temperature,
@@ -178,7 +200,7 @@ def build_run(cfg: DictConfig, run_dir, launch: Launch, d: dd.Dist) -> Run:
         sync.after_push(engine, start_step)  # the engine as loaded: its baseline
     return Run(cfg, run_dir, d, task, algo, policy, tokenizer, model, ref, engine, source,
                optimizer, scheduler, resolve_correction(cfg.rollout.correction, engine),
-               sync, tracker, start_step, start_metrics)
+               sync, ema, tracker, start_step, start_metrics)
 
 
 def _loop(run: Run, stop: threading.Event) -> dict:
@@ -210,6 +232,8 @@ def _loop(run: Run, stop: threading.Event) -> dict:
                     t0 = time.perf_counter()
                     k = cfg.trainer.eval_pass_k if last else 0  # pass@k at both ends only
                     metrics.update(evaluate(run.engine, run.task, run.tokenizer, cfg, d, k))
+                    if run.ema is not None:
+                        metrics.update(evaluate_ema(run))
                     metrics["perf/eval_s"] = time.perf_counter() - t0
                 stopping = dd.all_reduce_max([float(stop.is_set())], d)[0] > 0  # all ranks agree
                 every, model_id = cfg.trainer.checkpoint_every, None
@@ -330,6 +354,16 @@ def evaluate(engine, task, tokenizer, cfg, d: dd.Dist = dd.Dist(), pass_k: int =
     return out
 
 
+def evaluate_ema(run: Run) -> dict:
+    """The greedy evaluation of the policy's EMA (``eval/accuracy_ema``): the engine gets
+    the averaged weights for it, then the live ones back."""
+    with run.ema.swapped_in():
+        sync_engine(run.engine, run.policy)
+        out = evaluate(run.engine, run.task, run.tokenizer, run.cfg, run.d)
+    sync_engine(run.engine, run.policy)
+    return {f"{k}_ema": v for k, v in out.items()}
+
+
 # ----------------------------------------------------------------------------------------
 # Helpers of the loop: DAPO's refill, checkpoints, what a step reports
 # ----------------------------------------------------------------------------------------
@@ -348,7 +382,8 @@ def _refill(cfg, task, d: dd.Dist):
 
 def _checkpoint(run: Run, step: int, whole: bool = False):
     return save_checkpoint(run.run_dir, step, run.cfg, run.model, run.policy, run.tokenizer,
-                           run.optimizer, run.scheduler, run.engine, run.tracker, run.d, whole)
+                           run.optimizer, run.scheduler, run.engine, run.tracker, run.d, whole,
+                           run.ema)
 
 
 def samples_table(ro, task) -> dict:

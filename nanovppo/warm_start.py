@@ -57,7 +57,8 @@ def warm_start(cfg, task, tokenizer, model, tracker, d: dd.Dist) -> dict:
     ws = cfg.warm_start
     pairs = demonstrations(task)
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=ws.lr, betas=tuple(cfg.trainer.adam_betas),
-                      weight_decay=cfg.trainer.weight_decay, seed=cfg.seed + 1)
+                      weight_decay=cfg.trainer.weight_decay, seed=cfg.seed + 1,
+                      kind=cfg.trainer.optimizer)
     algo = _sft()
     losses = []
     t0 = time.perf_counter()

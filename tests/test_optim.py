@@ -1,7 +1,11 @@
 """AdamW for bf16 weights: stochastic rounding keeps the updates that plain bf16 loses."""
 
+import sys
+
+import pytest
 import torch
 
+from nanovppo.errors import ConfigError
 from nanovppo.optim import StochasticAdamW, adamw, stochastic_round_
 
 
@@ -80,3 +84,40 @@ def test_fp32_parameters_get_torch_adamw():
     assert type(adamw([p], lr=1e-3)) is torch.optim.AdamW
     q = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
     assert isinstance(adamw([p, q], lr=1e-3), StochasticAdamW)
+
+
+def _state_bytes(opt) -> int:
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if torch.is_tensor(v))
+
+
+def test_8bit_adamw_follows_adamw_with_a_quarter_of_its_state():
+    """trainer.optimizer=adamw8bit gives bitsandbytes' AdamW8bit (it runs on this CPU from
+    bitsandbytes 0.50). Both moments of a 4096 x 64 weight take one byte per value plus an
+    fp32 scale per block of 256: 2 * 262,144 + 2 * 1,024 * 4 (+ two 256-entry fp32 maps)
+    bytes, against 2 * 262,144 * 4 for fp32 AdamW: 0.26 of it. After 50 steps towards a
+    target both have moved the weights the same way, to within a few percent."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    init, target = torch.randn(4096, 64), torch.randn(4096, 64)
+    w32 = torch.nn.Parameter(init.clone())
+    ref = adamw([w32], lr=1e-2, kind="adamw")
+    w8 = torch.nn.Parameter(init.clone())
+    opt = adamw([w8], lr=1e-2, kind="adamw8bit")
+    assert isinstance(opt, bnb.optim.AdamW8bit)
+    for p, o in ((w32, ref), (w8, opt)):
+        _train(p, o, 50, target)
+    moved32, moved8 = (w32 - init).detach(), (w8 - init).detach()
+    assert torch.nn.functional.cosine_similarity(moved32.flatten(), moved8.flatten(), dim=0) > 0.99
+    assert abs(moved8.norm() / moved32.norm() - 1) < 0.05
+    want = 2 * 4096 * 64 + 2 * 1024 * 4 + 2 * 256 * 4
+    assert _state_bytes(opt) == want
+    assert _state_bytes(ref) == 2 * 4096 * 64 * 4 + 4  # + AdamW's step count (fp32 scalar)
+
+
+def test_8bit_adamw_without_bitsandbytes_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[bnb\]'"):
+        adamw([torch.nn.Parameter(torch.zeros(3))], lr=1e-3, kind="adamw8bit")
+    with pytest.raises(ConfigError, match="adamw or adamw8bit"):
+        adamw([torch.nn.Parameter(torch.zeros(3))], lr=1e-3, kind="sgd")

@@ -37,6 +37,8 @@ BAD = {
     "trainer.lr_schedule": "step",
     "trainer.weight_decay": -0.1,
     "trainer.adam_betas": [0.9, 1.0],
+    "trainer.optimizer": "adam8bit",
+    "trainer.ema": 1.0,
     "trainer.max_grad_norm": 0,
     "trainer.eval_every": -1,
     "trainer.eval_examples": -1,
