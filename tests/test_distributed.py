@@ -117,16 +117,32 @@ def test_torchrun_trains_checkpoints_and_resumes_at_the_same_world_size(tmp_path
     run_dir = tmp_path / "run"
     rc, out = launch("torchrun.sh", tmp_path, run_dir,
                      ["trainer.max_steps=2", "trainer.checkpoint_every=1", "trainer.eval_every=2",
-                      f"hardware.strategy={strategy}"])
+                      f"hardware.strategy={strategy}", "trainer.ema=0.5"])
     assert rc == 0, out[-4000:]
     c, run = mlflow_run(tmp_path)
     assert run.info.status == "FINISHED"
     history = c.get_metric_history(run.info.run_id, "train/reward_mean")
     assert [m.step for m in history] == [1, 2]  # rank 0 logs, once per step
-    assert "eval/reward_mean" in run.data.metrics
+    assert "eval/reward_mean" in run.data.metrics and "eval/accuracy_ema" in run.data.metrics
     ckpt = run_dir / "checkpoints" / "step_000002"
     state = torch.load(ckpt / "state.pt", weights_only=False)
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    # The EMA (decay 0.5, one optimizer step a step): 0.25 w0 + 0.25 w1 + 0.5 w2. Under DDP
+    # rank 0 saves the whole average; under FSDP2 each rank its shard (rows split in two).
+    from safetensors.torch import load_file
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    w = [load_file(run_dir / "checkpoints" / f"step_00000{k}" / "model" / "model.safetensors")[name]
+         for k in range(3)]
+    if strategy == "ddp":
+        assert all("ema" not in r for r in state["ranks"])
+        average = state["ema"]["average"][name]
+    else:
+        assert "ema" not in state
+        shards = [r["ema"]["average"][name] for r in state["ranks"]]
+        assert [len(x) for x in shards] == [len(w[0]) // 2] * 2
+        average = torch.cat(shards)
+    torch.testing.assert_close(average, 0.25 * w[0] + 0.25 * w[1] + 0.5 * w[2], rtol=0, atol=1e-6)
     # The checkpoint holds whole tensors (gathered from FSDP2 shards), loadable alone.
     from nanovppo.models import load_model
     from omegaconf import OmegaConf

@@ -13,9 +13,8 @@ from nanovppo.models import load_model  # noqa: E402
 from tests.conftest import compose_cfg  # noqa: E402
 from tests.test_logprobs import naive_logprobs  # noqa: E402
 
-# vLLM's CPU attention needs a head size of at least 32: the tiny model with 2 heads.
-VLLM_TINY = ["model=tiny-random", "model.sizes.num_attention_heads=2",
-             "model.sizes.num_key_value_heads=1"]
+# vLLM's CPU attention needs a head size of at least 32: the tiny model's two heads of 32.
+VLLM_TINY = ["model=tiny-random"]
 PROMPTS = [[1, 5, 9, 200, 31], [7, 8], [1, 5, 9, 200, 31, 44]]
 
 
@@ -31,6 +30,18 @@ def engine(policy):
     eng = VLLMEngine(copy.deepcopy(model), tok, seed=0, dtype="float32")
     yield eng
     eng.close()
+
+
+def test_a_head_smaller_than_vllms_cpu_attention_takes_is_a_clear_error():
+    """hidden 64 over 4 heads: heads of 16, which vLLM's CPU kernels refuse deep inside
+    their first step; the engine says so before starting."""
+    from nanovppo.errors import ConfigError
+
+    cfg = compose_cfg(["model=tiny-random", "model.sizes.num_attention_heads=4",
+                       "model.sizes.num_key_value_heads=2"])
+    model, tok = load_model(cfg.model, dtype="float32")
+    with pytest.raises(ConfigError, match="at least 32; this model's is 16"):
+        VLLMEngine(model, tok, seed=0, dtype="float32")
 
 
 def assert_logprobs_match(model, groups, temperature, atol=1e-4):
@@ -141,8 +152,7 @@ def test_two_training_steps_with_the_vllm_engine(tmp_path, algo):
     from tests.test_cli import only_run, run_cli
 
     extra = ["algo.mc_rollouts=2", "algo.chunk_tokens=2"] if algo == "vppo" else []
-    run_cli(tmp_path, f"algo={algo}", "inference_backend=vllm", "trainer.max_steps=2",
-            "model.sizes.num_attention_heads=2", "model.sizes.num_key_value_heads=1", *extra)
+    run_cli(tmp_path, f"algo={algo}", "inference_backend=vllm", "trainer.max_steps=2", *extra)
     c, runs = only_run(tmp_path)
     run = runs[0]
     assert run.info.status == "FINISHED"
@@ -161,7 +171,6 @@ def test_the_sync_check_on_the_vllm_engine(tmp_path, monkeypatch, broken):
     target = (["inference_backend._target_=tests.broken_engines.NoPushVLLMEngine"]
               if broken else [])
     proc = run_cli(tmp_path, "inference_backend=vllm", "trainer.max_steps=2",
-                   "model.sizes.num_attention_heads=2", "model.sizes.num_key_value_heads=1",
                    "task._target_=tests.scripted_tasks.EvenLengthCountdown", "algo.lr=1e-3",
                    "algo.group_size=4", "trainer.prompts_per_step=4", "trainer.eval_every=0",
                    *target, check=not broken)

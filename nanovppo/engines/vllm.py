@@ -106,6 +106,13 @@ class VLLMEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         kwargs = {}
         if self.on_cpu:
+            cfg = model.config
+            head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            if head < 32:
+                raise ConfigError(f"vLLM's CPU attention needs a head size of at least 32; this "
+                                  f"model's is {head} (hidden_size {cfg.hidden_size} / "
+                                  f"{cfg.num_attention_heads} heads): use inference_backend=hf "
+                                  "or fewer, wider heads")
             _keep_cpu_weights()
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
         else:
