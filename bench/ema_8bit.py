@@ -24,6 +24,17 @@ def state_bytes(opt) -> int:
                if torch.is_tensor(v))
 
 
+def median_seconds(fn, steps: int) -> float:
+    """The median time of ``steps`` calls of ``fn`` after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
@@ -40,28 +51,18 @@ def main() -> None:
     rows = {}
     for kind in ("adamw", "adamw8bit"):
         opt = adamw(params, lr=1e-6, kind=kind)
-        times = []
-        for i in range(args.steps + 1):
-            t0 = time.perf_counter()
-            opt.step()
-            if i:
-                times.append(time.perf_counter() - t0)
-        rows[kind] = (state_bytes(opt), statistics.median(times))
+        step_s = median_seconds(opt.step, args.steps)
+        rows[kind] = (state_bytes(opt), step_s)
         del opt
     ema = EMA(model, 0.99)
-    times = []
-    for i in range(args.steps + 1):
-        t0 = time.perf_counter()
-        ema.update()
-        if i:
-            times.append(time.perf_counter() - t0)
+    ema_s = median_seconds(ema.update, args.steps)
     base_bytes, base_s = rows["adamw"]
     print(f"{'':24} {'state MB':>9} {'x adamw':>8} {'step s':>7} {'x adamw':>8}")
     for kind, (b, s) in rows.items():
         print(f"optimizer={kind:14} {b / 1e6:9.0f} {b / base_bytes:8.2f} {s:7.3f} {s / base_s:8.2f}")
     ema_bytes = sum(t.numel() * t.element_size() for t in ema.average.values())
     print(f"{'ema update':24} {ema_bytes / 1e6:9.0f} {ema_bytes / base_bytes:8.2f} "
-          f"{statistics.median(times):7.3f} {statistics.median(times) / base_s:8.2f}")
+          f"{ema_s:7.3f} {ema_s / base_s:8.2f}")
 
 
 if __name__ == "__main__":

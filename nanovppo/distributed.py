@@ -23,6 +23,16 @@ import torch.distributed as dist
 
 from nanovppo.errors import ConfigError
 
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is an FSDP2-sharded tensor (a DTensor: each process holds a shard)."""
+    return hasattr(t, "to_local")
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This process's own shard of a (possibly FSDP2-sharded) tensor."""
+    return t.to_local() if is_sharded(t) else t
+
 STRATEGIES = ("ddp", "fsdp2")
 
 

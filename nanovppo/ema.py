@@ -18,10 +18,7 @@ import contextlib
 
 import torch
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This process's own shard of a (possibly FSDP2-sharded) tensor."""
-    return t.to_local() if hasattr(t, "to_local") else t
+from nanovppo.distributed import is_sharded, local_shard
 
 
 class EMA:
@@ -32,13 +29,13 @@ class EMA:
             raise ValueError(f"EMA decay must lie in (0, 1), not {decay}")
         self.decay = float(decay)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.average = {n: _local(p).detach().float().clone() for n, p in self.params.items()}
+        self.average = {n: local_shard(p).detach().float().clone() for n, p in self.params.items()}
 
     @torch.no_grad()
     def update(self) -> None:
         for name, p in self.params.items():
             # ema + (1 - decay) * (param - ema) == decay * ema + (1 - decay) * param
-            self.average[name].lerp_(_local(p).detach().float(), 1.0 - self.decay)
+            self.average[name].lerp_(local_shard(p).detach().float(), 1.0 - self.decay)
 
     def hook(self, optimizer: torch.optim.Optimizer):
         """Update after each of ``optimizer``'s steps; returns the hook's handle."""
@@ -47,21 +44,21 @@ class EMA:
     @property
     def sharded(self) -> bool:
         """Whether each process holds only its shard (FSDP2): then each saves its own."""
-        return any(hasattr(p, "to_local") for p in self.params.values())
+        return any(is_sharded(p) for p in self.params.values())
 
     @contextlib.contextmanager
     def swapped_in(self):
         """The model holds the average inside the block and its own weights again after."""
         with torch.no_grad():
-            saved = {n: _local(p).detach().clone() for n, p in self.params.items()}
+            saved = {n: local_shard(p).detach().clone() for n, p in self.params.items()}
             for name, p in self.params.items():
-                _local(p).copy_(self.average[name])
+                local_shard(p).copy_(self.average[name])
         try:
             yield
         finally:
             with torch.no_grad():
                 for name, p in self.params.items():
-                    _local(p).copy_(saved[name])
+                    local_shard(p).copy_(saved[name])
 
     def state_dict(self) -> dict:
         return {"decay": self.decay,

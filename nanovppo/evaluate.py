@@ -128,10 +128,11 @@ def evaluate_model(cfg: DictConfig) -> dict:
     model_cfg = resolve_model(cfg)
     model, tok = load_model(model_cfg, dtype=cfg.hardware.param_dtype)
     model.to(cfg.hardware.device).eval().requires_grad_(False)
-    dropped = drop_over_context(task, tok, context_length(cfg, model), e.max_new_tokens)
+    context = context_length(cfg, model)
+    dropped = drop_over_context(task, tok, context, e.max_new_tokens)
     if dropped["test"]:
         log.warning("%d test prompts do not fit the %d-token context with eval.max_new_tokens="
-                    "%d: dropped (%d remain)", dropped["test"], context_length(cfg, model),
+                    "%d: dropped (%d remain)", dropped["test"], context,
                     e.max_new_tokens, len(task.test_examples))
     engine = build(cfg.inference_backend, "inference_backend", model=model, tokenizer=tok, seed=cfg.seed,
                          _convert_="partial")

@@ -24,6 +24,7 @@ from typing import Iterable
 
 import torch
 
+from nanovppo.distributed import is_sharded, local_shard
 from nanovppo.errors import ConfigError
 
 CHUNK = 1 << 21  # elements computed in fp32 at a time (bounds the temporaries to ~40 MB)
@@ -42,7 +43,7 @@ def adamw(params: Iterable[torch.nn.Parameter], lr: float, betas=(0.9, 0.99),
     if all(p.dtype == torch.float32 for p in params):
         # The fused kernel: one pass over memory (0.05 s instead of 0.27 s for SmolLM2's
         # 135M parameters on 2 cores); FSDP2's sharded parameters take the default path.
-        fused = not any(hasattr(p, "to_local") for p in params)
+        fused = not any(is_sharded(p) for p in params)
         return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps,
                                  weight_decay=weight_decay, fused=fused or None)
     return StochasticAdamW(params, lr=lr, betas=tuple(betas), eps=eps,
@@ -57,7 +58,7 @@ def adamw_8bit(params: list[torch.nn.Parameter], lr: float, betas, weight_decay:
     except ImportError as e:
         raise ConfigError("trainer.optimizer=adamw8bit needs bitsandbytes: pip install -e "
                           "'.[bnb]' (or use trainer.optimizer=adamw)") from e
-    if any(hasattr(p, "to_local") for p in params):
+    if any(is_sharded(p) for p in params):
         raise ConfigError("trainer.optimizer=adamw8bit does not take FSDP2's sharded "
                           "parameters; use hardware.strategy=ddp or trainer.optimizer=adamw")
     try:
@@ -93,11 +94,6 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Gen
     rounded = noise.add_(bits).bitwise_and_(-65536)  # -65536 == 0xFFFF0000
     # Exact: each value now has a bf16 representation.
     dst.copy_(rounded.view(torch.float32).view(src.shape))
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The process's own shard of a (possibly FSDP2-sharded) tensor."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class StochasticAdamW(torch.optim.Optimizer):
@@ -137,12 +133,12 @@ class StochasticAdamW(torch.optim.Optimizer):
                 # The rounding noise is a function of (seed, step, parameter): a resumed run
                 # draws what the uninterrupted one would have, with no generator to save.
                 gen = self._generator(p, t, index)
-                self._update(_local(p), _local(p.grad), _local(state["exp_avg"]),
-                             _local(state["exp_avg_sq"]), t, lr, b1, b2, eps, wd, gen)
+                self._update(local_shard(p), local_shard(p.grad), local_shard(state["exp_avg"]),
+                             local_shard(state["exp_avg_sq"]), t, lr, b1, b2, eps, wd, gen)
         return loss
 
     def _generator(self, p: torch.Tensor, step: int, index: int) -> torch.Generator:
-        device = _local(p).device
+        device = local_shard(p).device
         if self.generator is None or self.generator.device != device:
             self.generator = torch.Generator(device=device)
         self.generator.manual_seed((self.seed * 1_000_003 + step) * 65_537 + index)

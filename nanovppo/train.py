@@ -121,12 +121,12 @@ def build_run(cfg: DictConfig, run_dir, launch: Launch, d: dd.Dist) -> Run:
     resuming = state is not None
     policy, tokenizer = load_policy(cfg, policy_cfg, run_dir, resuming, device)
     # A prompt that leaves no room for rollout.max_new_tokens is dropped, never cut.
-    dropped = drop_over_context(task, tokenizer, context_length(cfg, policy),
-                                cfg.rollout.max_new_tokens)
+    context = context_length(cfg, policy)
+    dropped = drop_over_context(task, tokenizer, context, cfg.rollout.max_new_tokens)
     if any(dropped.values()) and d.main:
         log.warning("%d training and %d test prompts of task %s do not fit the %d-token "
                     "context with rollout.max_new_tokens=%d: dropped (%d and %d remain)",
-                    dropped["train"], dropped["test"], task.name, context_length(cfg, policy),
+                    dropped["train"], dropped["test"], task.name, context,
                     cfg.rollout.max_new_tokens, len(task.train_examples), len(task.test_examples))
     tracker = make_tracker(cfg, run_dir, state, task, launch) if d.main else None
     wrap = lambda p: dd.wrap(logprob_module(p, fast, not d.on), strategy, d, device)  # noqa: E731
