@@ -42,6 +42,17 @@ def examples_for_step(n_examples: int, per_step: int, seed: int, step: int) -> l
     return out
 
 
+def refill_stream(examples: list[dict], seed: int, rank: int):
+    """DAPO's source of fresh prompts: for a step's ``call``-th refill, ``k`` examples from
+    a stream of their own (a pure function of seed, rank, step and call, like the step's)."""
+
+    def more_examples(step: int, k: int, call: int) -> list[dict]:
+        stream = seed + 7919 * call + 104_729 * rank
+        return [examples[i] for i in examples_for_step(len(examples), k, stream, step)]
+
+    return more_examples
+
+
 def split_groups(samples: list[Sample], parts: int, rng: random.Random,
                  d: dd.Dist = dd.Dist()) -> list[list[Sample]]:
     """Shuffle the groups and deal them into ``parts`` minibatches (a group is never split;

@@ -23,11 +23,12 @@ from pathlib import Path
 import hydra
 import numpy as np
 from hydra.errors import InstantiationException
-from nanovppo.config import CONF_DIR, build, seed_everything
 from omegaconf import DictConfig, OmegaConf
 
 from nanovppo import checkpoint as ckpt
+from nanovppo import distributed as dd
 from nanovppo.engines.base import Sampling
+from nanovppo.config import CONF_DIR, build, seed_everything
 from nanovppo.errors import ConfigError, NanovppoError
 from nanovppo.lora import ADAPTER_CONFIG
 from nanovppo.models import load_model
@@ -36,6 +37,36 @@ from nanovppo.rollout import RolloutSource, context_length, drop_over_context
 from nanovppo.tracking import Tracker, checkpoint_of_model, default_tracking_uri, flatten
 
 log = logging.getLogger("nanovppo")
+
+
+def evaluate(engine, task, tokenizer, cfg, d: dd.Dist = dd.Dist(), pass_k: int = 0) -> dict:
+    """The trainer's held-out evaluation: greedy decoding on the first
+    ``trainer.eval_examples`` test prompts (each rank takes its share), the task's accuracy
+    and mean reward. With ``pass_k``, also ``pass_k`` samples per prompt at the rollout
+    temperature: ``eval/pass@k``, the share of prompts with a correct one among them (n = k,
+    so the unbiased estimator below is exactly that)."""
+    examples = task.test_examples[: cfg.trainer.eval_examples]
+    if not examples:
+        return {}
+    mine = examples[d.rank::d.world]
+    greedy = Sampling(n=1, temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
+                      stop=task.stop)
+    sums = [0.0, 0.0, 0.0]  # reward, correct (greedy), prompts solved in k samples
+    if mine:
+        ro = RolloutSource(task, tokenizer, engine, greedy).collect(mine)
+        sums[0] = ro.rewards.sum().item()
+        sums[1] = ro.correct.float().sum().item()
+        if pass_k:
+            sampled = Sampling(n=pass_k, temperature=cfg.rollout.temperature,
+                               top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
+                               stop=task.stop)
+            ro = RolloutSource(task, tokenizer, engine, sampled).collect(mine)
+            sums[2] = ro.correct.any(dim=1).float().sum().item()
+    total = dd.all_reduce_sum(sums, d)
+    out = {"eval/reward_mean": total[0] / len(examples), "eval/accuracy": total[1] / len(examples)}
+    if pass_k:
+        out[f"eval/pass@{pass_k}"] = total[2] / len(examples)
+    return out
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -1,5 +1,6 @@
 """The command line, run for real as a subprocess on the tiny model, tracked in MLflow."""
 
+import json
 import os
 import subprocess
 import sys
@@ -230,12 +231,19 @@ def test_rft_that_keeps_nothing_skips_the_update(tmp_path):
 
 def test_a_task_from_the_users_own_module(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "examples"))
+    """The user's task scores the rollouts: its shaping term, 0.5 x (1 - characters / 100)
+    (at least 0) for each completion of the logged samples table, averages to the logged
+    ``train/shaping/concise_mean``."""
     run_cli(tmp_path, "task._target_=my_tasks.ConciseCountdown", "+task.length_bonus=0.5",
-            "trainer.max_steps=1")
+            "trainer.max_steps=1", "trainer.samples_every=1")
     c, runs = only_run(tmp_path)
     m = runs[0].data.metrics
-    assert "train/shaping/concise_mean" in m and m["train/shaping/concise_mean"] >= 0
     assert runs[0].data.params["task._target_"] == "my_tasks.ConciseCountdown"
+    table = json.loads(Path(c.download_artifacts(runs[0].info.run_id, "samples/step_000001.json",
+                                                 str(tmp_path))).read_text())
+    completions = [row[table["columns"].index("completion")] for row in table["data"]]
+    want = sum(0.5 * max(0.0, 1 - len(t) / 100) for t in completions) / len(completions)
+    assert m["train/shaping/concise_mean"] == pytest.approx(want)
 
 
 FIX = Path(__file__).parent / "fixtures"

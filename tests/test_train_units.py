@@ -119,19 +119,6 @@ def test_one_autocast_region_per_minibatch_gives_the_per_micro_batch_gradients(t
         torch.testing.assert_close(reused[name], fresh[name], atol=0, rtol=0)
 
 
-def test_collapse_metrics_on_a_scripted_batch():
-    """Group 1: four copies of one completion (collapsed): 1/4 distinct completions, 1/4
-    answers. Group 2: four different completions, two final answers ("d" and "x"): 4/4
-    and 2/4. The means over the two groups: 0.625 and 0.375."""
-    from nanovppo.train import collapse_metrics
-    from tests.fakes import EndsWithDTask, batch
-
-    ro = batch({"A:": ["ad", "ad", "ad", "ad"], "B:": ["ad", "bd", "ax", "cx"]})
-    m = collapse_metrics(ro, EndsWithDTask())
-    assert m == {"train/distinct_completions": pytest.approx(0.625),
-                 "train/distinct_answers": pytest.approx(0.375)}
-
-
 def test_evaluate_reports_greedy_accuracy_and_pass_at_k_over_the_same_problems(tiny):
     """pass@k is the share of test prompts with a correct one among k samples at the
     rollout temperature. The scripted task calls a response correct when its length is
@@ -140,7 +127,7 @@ def test_evaluate_reports_greedy_accuracy_and_pass_at_k_over_the_same_problems(t
     from nanovppo.engines.base import Sampling
     from nanovppo.engines.hf import HFEngine
     from nanovppo.rollout import render_prompt
-    from nanovppo.train import evaluate
+    from nanovppo.evaluate import evaluate
     from tests.scripted_tasks import EvenLengthCountdown
 
     model, tok = tiny
