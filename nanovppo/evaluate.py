@@ -30,7 +30,7 @@ from nanovppo import distributed as dd
 from nanovppo.engines.base import Sampling
 from nanovppo.config import CONF_DIR, build, seed_everything
 from nanovppo.errors import ConfigError, NanovppoError
-from nanovppo.lora import ADAPTER_CONFIG
+from nanovppo.lora import ADAPTER_CONFIG, load_adapters
 from nanovppo.models import load_model
 from nanovppo.progress import bar
 from nanovppo.rollout import RolloutSource, context_length, drop_over_context
@@ -100,8 +100,9 @@ def ks_up_to(n: int) -> list[int]:
     return ks
 
 
-def resolve_model(cfg: DictConfig) -> DictConfig:
-    """The model config to evaluate: the configured one, a checkpoint, or an MLflow run's."""
+def resolve_model(cfg: DictConfig) -> tuple[DictConfig, str | None]:
+    """The model config to evaluate (the configured one, a checkpoint's, or an MLflow
+    run's) and, for a LoRA checkpoint, the folder of its adapters (else None)."""
     path = None
     if cfg.eval.run_id:
         from mlflow.tracking import MlflowClient
@@ -125,14 +126,14 @@ def resolve_model(cfg: DictConfig) -> DictConfig:
     elif cfg.eval.checkpoint:
         path = Path(str(cfg.eval.checkpoint))
     if path is None:
-        return cfg.model
+        return cfg.model, None
     return checkpoint_model_config(path, cfg.model.name)
 
 
-def checkpoint_model_config(path: Path, name: str) -> DictConfig:
-    """A model config that loads a checkpoint (``step_N``, or a run folder: its latest):
-    its whole weights, or a LoRA checkpoint's adapters over their base (``adapters``: the
-    loader merges them in)."""
+def checkpoint_model_config(path: Path, name: str) -> tuple[DictConfig, str | None]:
+    """The model config of a checkpoint (``step_N``, or a run folder: its latest) and the
+    folder of its adapters: its whole weights and None, or for a LoRA checkpoint the base
+    the adapters apply to and their folder (merged in by ``evaluate_model``)."""
     if not any((path / "model" / f).is_file() for f in ("config.json", ADAPTER_CONFIG)):
         latest = ckpt.latest_checkpoint(path)
         if latest is None:
@@ -140,13 +141,21 @@ def checkpoint_model_config(path: Path, name: str) -> DictConfig:
         path = latest
     label = f"{name}@{path.name}"
     if (path / "model" / "config.json").is_file():
-        return OmegaConf.create({"name": label, "source": "dir", "path": str(path / "model")})
+        return OmegaConf.create({"name": label, "source": "dir", "path": str(path / "model")}), None
     start = path.parent / "step_000000" / "model"  # a warm start merged into the base
     if (start / "config.json").is_file():
         base = OmegaConf.create({"source": "dir", "path": str(start)})
     else:
         base = OmegaConf.load(path / "config.yaml").model
-    return OmegaConf.merge(base, {"name": label, "adapters": str(path / "model"), "lora": None})
+    return OmegaConf.merge(base, {"name": label, "lora": None}), str(path / "model")
+
+
+def load_with_adapters(model_cfg: DictConfig, adapters: str | None, dtype: str):
+    """``load_model``; for a LoRA checkpoint, with its adapters folded into the base."""
+    model, tok = load_model(model_cfg, dtype=dtype)
+    if adapters:
+        model = load_adapters(model, adapters).merge_and_unload()
+    return model, tok
 
 
 def evaluate_model(cfg: DictConfig) -> dict:
@@ -156,8 +165,8 @@ def evaluate_model(cfg: DictConfig) -> dict:
         raise ConfigError("eval.n > 1 needs eval.temperature > 0 (greedy samples are identical)")
     seed_everything(cfg.seed)
     task = build(cfg.task, "task")
-    model_cfg = resolve_model(cfg)
-    model, tok = load_model(model_cfg, dtype=cfg.hardware.param_dtype)
+    model_cfg, adapters = resolve_model(cfg)
+    model, tok = load_with_adapters(model_cfg, adapters, cfg.hardware.param_dtype)
     model.to(cfg.hardware.device).eval().requires_grad_(False)
     context = context_length(cfg, model)
     dropped = drop_over_context(task, tok, context, e.max_new_tokens)

@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 
 from nanovppo.errors import NanovppoError
-from nanovppo.evaluate import checkpoint_model_config
-from nanovppo.models import load_model
+from nanovppo.evaluate import checkpoint_model_config, load_with_adapters
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
-    cfg = checkpoint_model_config(Path(checkpoint), "export")
-    model, tokenizer = load_model(cfg, dtype="float32")
+    model, tokenizer = load_with_adapters(*checkpoint_model_config(Path(checkpoint), "export"),
+                                          dtype="float32")
     out = Path(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -1,21 +1,23 @@
-"""Per-token log-probabilities of completions under a causal LM.
+"""Per-token log-probabilities of completions under a causal LM, two ways.
 
-Logits are computed only at the positions that predict real (unpadded) completion tokens,
-in chunks, by one autograd function (``_HeadLogprobs``) that keeps only the hidden states
-and recomputes a chunk's logits in the backward pass: no [batch, seq, vocab] float32
-tensor is ever held, and each chunk's vocabulary-wide work is a handful of passes.
+``PlainLogprobs`` (``trainer.fast: false``) runs each completion with its own copy of its
+prompt and takes the full log-softmax: the textbook version. ``GroupLogprobs`` (the fast
+path) runs each prompt once for its group (``group_logprobs``: the completions continue
+from the prompt's keys and values) and scores only the real completion tokens through the
+output head in chunks (``nanovppo/head.py``): no [batch, seq, vocab] float32 tensor is
+ever held. Both take a ``GroupBatch`` and give the same log-probs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import weakref
 from typing import NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicLayer
+
+from nanovppo.head import head_logprobs
 
 
 class Batch(NamedTuple):
@@ -52,7 +54,7 @@ def completion_logprobs(model, batch: Batch, temperature: float = 1.0, chunk_row
                                  position_ids=positions).last_hidden_state  # [B, P + C, H]
     hidden = hidden[:, P - 1:-1]                                           # [B, C, H]
     targets = ids[:, P:]                                                   # [B, C]
-    return _head_logprobs(model, hidden, targets, batch.completion_mask, temperature,
+    return head_logprobs(model, hidden, targets, batch.completion_mask, temperature,
                           chunk_rows, with_entropy)
 
 
@@ -185,7 +187,7 @@ def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_row
     # The state before completion token j is the prompt's last state (j = 0) or the
     # completion's state at j - 1.
     hidden = torch.cat([h_prompt[index][:, None], h_comp[:, :-1]], dim=1)  # [B, C, H]
-    return _head_logprobs(model, hidden, cids, cmask, temperature, chunk_rows, with_entropy)
+    return head_logprobs(model, hidden, cids, cmask, temperature, chunk_rows, with_entropy)
 
 
 def checkpoint_layers(model, layers: list[torch.nn.Module]) -> None:
@@ -208,169 +210,6 @@ def _checkpointed(forward, *args, **kwargs):
     if torch.is_grad_enabled():
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return forward(*args, **kwargs)
-
-
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype the head's matmul runs in: autocast's if it is on, else the inputs'."""
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return torch.promote_types(hidden.dtype, weight.dtype)
-
-
-class _CastCache:
-    """The output head's weight cast to the compute dtype, kept while a ``reuse_head_cast``
-    region is open and the weight is unchanged (same tensor, same version counter)."""
-
-    def __init__(self):
-        self.depth = 0
-        self.entry = None  # (weakref to the weight, its version, dtype, cast)
-
-    def get(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if weight.dtype == dtype:
-            return weight
-        if self.entry is not None:
-            ref, version, cached_dtype, cast = self.entry
-            if ref() is weight and version == weight._version and cached_dtype == dtype:
-                return cast
-        cast = weight.detach().to(dtype)
-        if self.depth:
-            self.entry = (weakref.ref(weight), weight._version, dtype, cast)
-        return cast
-
-
-_HEAD_CAST = _CastCache()
-
-
-@contextlib.contextmanager
-def reuse_head_cast():
-    """Within this region the output head's weight is cast to the compute dtype once, not
-    once per chunk and again in the backward pass: a [vocab, hidden] copy (~28M values
-    for SmolLM2) each time. Like autocast's own cache of weight casts, it is dropped when
-    the outermost region ends, and the weight must not change inside the region: the
-    update opens one per minibatch and steps the optimizer after it. (An in-place change
-    that bumps the weight's version counter makes the cast again, but the fused AdamW
-    step does not bump it.)"""
-    _HEAD_CAST.depth += 1
-    try:
-        yield
-    finally:
-        _HEAD_CAST.depth -= 1
-        if not _HEAD_CAST.depth:
-            _HEAD_CAST.entry = None
-
-
-def _logits(hidden, weight, temperature) -> torch.Tensor:
-    logits = (hidden.to(weight.dtype) @ weight.T).float()                  # [n, V]
-    return logits.div_(temperature) if temperature != 1.0 else logits
-
-
-class _HeadLogprobs(torch.autograd.Function):
-    """Log-probs of ``targets`` [n] under the output head, and the entropies [n] of the
-    distributions (not differentiated), from hidden states [n, H], ``chunk`` positions at
-    a time.
-
-    Only the inputs are saved; the backward pass recomputes each chunk's logits and forms
-    d logp / d logits = onehot(target) - softmax in place: the gradient autograd would
-    take through ``log_softmax(...).gather(...)``, without a checkpointed recompute of the
-    whole forward (entropy included), the zero-filled gradient of the gather and the
-    intermediate vocabulary-wide copies. Matmuls run in autocast's dtype when autocast is
-    on (as ``F.linear`` would), the softmax in fp32; the weight's gradient is summed over
-    the chunks by the matmul itself (``addmm_``, in the matmul's dtype) and cast to the
-    weight's dtype once.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature: float, with_entropy: bool,
-                chunk: int):
-        dtype = _compute_dtype(hidden, weight)
-        w = _HEAD_CAST.get(weight, dtype)
-        logps, ents = [], []
-        with torch.autocast(hidden.device.type, enabled=False):
-            for i in range(0, hidden.shape[0], chunk):
-                logp_all = torch.log_softmax(_logits(hidden[i:i + chunk], w, temperature), -1)
-                logps.append(logp_all.gather(-1, targets[i:i + chunk, None]).squeeze(-1))
-                if with_entropy:
-                    p = logp_all.exp()
-                    ents.append(-torch.bmm(p[:, None], logp_all[:, :, None]).view(-1))
-                del logp_all
-        logp = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
-        entropy = torch.cat(ents) if ents else logp.new_zeros(0)
-        ctx.save_for_backward(hidden, weight, targets)
-        ctx.dtype, ctx.temperature, ctx.chunk = dtype, temperature, chunk
-        ctx.mark_non_differentiable(entropy)
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):
-        hidden, weight, targets = ctx.saved_tensors
-        dtype, temperature, chunk = ctx.dtype, ctx.temperature, ctx.chunk
-        w = _HEAD_CAST.get(weight, dtype)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        with torch.autocast(hidden.device.type, enabled=False):
-            for i in range(0, hidden.shape[0], chunk):
-                h, gl = hidden[i:i + chunk].to(dtype), grad_logp[i:i + chunk, None]
-                grad = torch.softmax(_logits(h, w, temperature), -1)
-                grad.mul_(-gl).scatter_add_(-1, targets[i:i + chunk, None], gl)
-                if temperature != 1.0:
-                    grad.div_(temperature)
-                grad = grad.to(dtype)                                        # [n, V]
-                if grad_hidden is not None:
-                    grad_hidden[i:i + chunk] = grad @ w
-                if ctx.needs_input_grad[1]:                                 # [V, H]
-                    if grad_weight is None:
-                        grad_weight = grad.T @ h
-                    else:
-                        grad_weight.addmm_(grad.T, h)
-            if ctx.needs_input_grad[1]:
-                grad_weight = (torch.zeros_like(weight) if grad_weight is None  # no positions
-                               else grad_weight.to(weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None
-
-
-def _head_logprobs(model, hidden, targets, cmask, temperature, chunk_rows, with_entropy):
-    """Apply the output head to the real positions of ``hidden`` [B, C, H] in chunks of
-    ``chunk_rows`` rows' worth of tokens; see module doc. Padded positions get 0."""
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise NotImplementedError("output heads with a bias are not supported")
-    real = cmask.bool()
-    h, t = hidden[real], targets[real]                                       # [n, H], [n]
-    chunk = max(1, chunk_rows * targets.shape[1])
-    logp, ent = _HeadLogprobs.apply(h, head.weight, t, float(temperature), with_entropy, chunk)
-
-    def padded(values):  # [n] -> [B, C], 0 at padded positions
-        zeros = torch.zeros(cmask.shape, dtype=torch.float32, device=cmask.device)
-        return zeros.masked_scatter(real, values)
-
-    return (padded(logp), padded(ent)) if with_entropy else padded(logp)
-
-
-def sparse_tied_embedding_grads(model) -> bool:
-    """Give the input embedding's backward a sparse gradient when it shares its weight
-    with the output head; returns whether it does.
-
-    A dense embedding gradient is a zero-filled [vocab, hidden] tensor per forward pass
-    (two per micro-batch in ``group_logprobs``) that is then added to the head's gradient
-    of the same weight. A sparse one holds only the rows looked up, and autograd adds it
-    into the head's dense gradient (or into ``.grad``) in place. Should the sparse one be
-    the first the weight receives, a hook makes ``.grad`` dense, as clipping and the
-    optimizer want it. Not for DDP or FSDP2, which reduce dense gradients.
-    """
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if (not isinstance(emb, torch.nn.Embedding) or head is None
-            or emb.weight is not head.weight or emb.sparse or not emb.weight.requires_grad):
-        return False
-    weight = emb.weight
-
-    def dense_grad(param):
-        if param.grad.is_sparse:
-            param.grad = param.grad.to_dense()
-
-    weight.register_post_accumulate_grad_hook(dense_grad)
-    emb.sparse = True
-    return True
 
 
 class GroupLogprobs(torch.nn.Module):

@@ -18,6 +18,7 @@ checkpoints hold only the adapters' tensors, and
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 
 import torch
@@ -84,9 +85,9 @@ def engine_weights(policy):
 
 def merged_model(policy) -> torch.nn.Module:
     """A plain transformers model with the adapters folded in (the policy is unchanged)."""
-    from nanovppo.models import frozen_copy
-
-    return frozen_copy(policy).merge_and_unload() if is_lora(policy) else policy
+    if not is_lora(policy):
+        return policy
+    return copy.deepcopy(policy).eval().requires_grad_(False).merge_and_unload()
 
 
 class AdapterOffLogprobs(torch.nn.Module):

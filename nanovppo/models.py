@@ -110,7 +110,7 @@ def load_model(cfg, dtype: str = "float32"):
         model, tok = tiny_random_model(cfg.seed, cfg.tokenizer, **cfg.sizes)
         model = model.to(torch_dtype)
     elif source == "gguf":
-        gguf = resolve_gguf(cfg.get("path"), cfg.get("package"), cfg.file)
+        gguf = resolve_gguf(cfg.path, cfg.package, cfg.file)
         directory = _cached_gguf_copy(gguf, cfg.cache_dir)
         model, tok = _from_pretrained(str(directory), torch_dtype)
     elif source in ("hub", "dir"):
@@ -120,10 +120,6 @@ def load_model(cfg, dtype: str = "float32"):
         model, tok = _from_pretrained(path, torch_dtype)
     else:
         raise ConfigError(f"model.source must be hub, dir, gguf or tiny_random, not {source!r}")
-    if cfg.get("adapters"):  # a LoRA checkpoint: its adapters folded into the base
-        from nanovppo.lora import load_adapters
-
-        model = load_adapters(model, cfg.adapters).merge_and_unload()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

@@ -34,8 +34,8 @@ from nanovppo import memory
 from nanovppo.algos.losses import mismatch_stats, rollout_correction
 from nanovppo.algos.pg import LossBatch
 from nanovppo.batching import collate, micro_batches, normalisers, pad_to_busiest, split_groups
-from nanovppo.logprobs import (GroupLogprobs, PlainLogprobs, pad_groups, reuse_head_cast,
-                               sparse_tied_embedding_grads)
+from nanovppo.head import reuse_head_cast, sparse_tied_embedding_grads
+from nanovppo.logprobs import GroupLogprobs, PlainLogprobs, pad_groups
 from nanovppo.models import to_dtype
 from nanovppo.progress import bar
 from nanovppo.rollout import Sample
@@ -172,7 +172,7 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
         # step's first optimizer step. With one pass and one minibatch the policy has not
         # moved since sampling, so on the fast path they are the current ones (detached),
         # unless the advantages need them first (REINFORCE++ folds the KL into its returns).
-        kl_in_reward = getattr(algo, "kl_in_reward", False)
+        kl_in_reward = algo.kl_in_reward
         reuse_current = (fast and algo.ppo_epochs == 1 and algo.num_minibatches == 1
                          and not kl_in_reward)
         t0 = time.perf_counter()
@@ -249,7 +249,7 @@ def _micro_step(model, mb, algo, cfg, pad_id, temperature, epoch, n_tokens, n_se
     acc.perf["head_tokens"] += batch.completion_mask.sum().item()
     acc.totals["loss"] += loss.item()
     acc.totals["clip_tokens"] += stats["clip_tokens"]
-    acc.totals["kl_tokens"] += stats.get("kl_tokens", 0.0)
+    acc.totals["kl_tokens"] += stats["kl_tokens"]
     if epoch == 0:  # over the loss's tokens (truncated ones out where masked) of samples
         # that carry a gradient: the same set on the plain and the fast path, which skips
         # the others
@@ -312,7 +312,7 @@ def resolve_correction(node, engine) -> dict | None:
     samples with the trainer's own numerics (``hf``) and ``tis`` for the others."""
     mode = str(node.mode)
     if mode == "auto":
-        mode = "off" if getattr(engine, "trainer_numerics", False) else "tis"
+        mode = "off" if engine.trainer_numerics else "tis"
     if mode == "off":
         return None
     return {"mode": mode, "level": str(node.level), "cap": float(node.cap),

@@ -181,7 +181,7 @@ def test_sparse_tied_embedding_gradients_equal_dense_ones(tiny, split):
     the embedding's sparse gradient is the first the weight receives."""
     import copy
 
-    from nanovppo.logprobs import sparse_tied_embedding_grads
+    from nanovppo.head import sparse_tied_embedding_grads
 
     model, tok = tiny
     dense, sparse = copy.deepcopy(model).train(), copy.deepcopy(model).train()
@@ -211,7 +211,7 @@ def test_sparse_tied_embedding_gradients_equal_dense_ones(tiny, split):
 def test_sparse_embedding_gradients_need_a_tied_head():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from nanovppo.logprobs import sparse_tied_embedding_grads
+    from nanovppo.head import sparse_tied_embedding_grads
 
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                          num_hidden_layers=1, num_attention_heads=2,
@@ -227,7 +227,7 @@ def test_the_head_cast_is_reused_until_the_weight_changes(tiny):
     bumps the version counter casts again inside a region."""
     import copy
 
-    from nanovppo.logprobs import _HEAD_CAST, reuse_head_cast
+    from nanovppo.head import _HEAD_CAST, reuse_head_cast
     from nanovppo.optim import adamw
 
     model, tok = tiny

@@ -277,7 +277,7 @@ def test_server_that_never_becomes_healthy_is_killed(tiny, tmp_path, monkeypatch
         pids.append(proc.pid)
         return proc
 
-    monkeypatch.setattr("nanovppo.engines.sglang.subprocess.Popen", recording_popen)
+    monkeypatch.setattr("nanovppo.engines.sglang_server.subprocess.Popen", recording_popen)
     launch = [sys.executable, "-c", "import time; print('loading', flush=True); time.sleep(60)"]
     t0 = time.monotonic()
     with pytest.raises(NanovppoError, match=r"(?s)did not become healthy within 2 s.*loading"):

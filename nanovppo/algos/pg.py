@@ -1,4 +1,5 @@
-"""What every policy-gradient algorithm here shares: the inputs of its loss, and the loss.
+"""What every policy-gradient algorithm here shares: the inputs of its loss, and the loss
+(the whole contract an algorithm meets is ``algos/base.py: Algorithm``).
 
 ``PolicyGradient`` holds the loss's knobs (which surrogate, its clip ranges, the KL term
 and how both are aggregated, epochs and minibatches); GRPO and its presets and VinePPO
@@ -108,7 +109,7 @@ class PolicyGradient:
                                        self.clip_high)
         loss = aggregate(per_token * b.is_weight, b.mask, self.loss_agg, b.n_tokens, b.n_seqs,
                          b.norm_len)
-        stats = {"clip_tokens": (clipped * b.mask).sum().item()}
+        stats = {"clip_tokens": (clipped * b.mask).sum().item(), "kl_tokens": 0.0}
         if self.kl_in_loss:
             kl = kl_penalty(b.logp, b.ref_logp, self.kl_estimator)       # [B, C]
             loss = loss + self.kl_coef * aggregate(kl, b.mask, self.kl_agg, b.n_tokens,

@@ -79,6 +79,8 @@ class RFT:
                 raise ConfigError("algo.success_band must be [low, high] within [0, 1]")
             self.success_band = [lo, hi]
 
+    kl_in_reward = False  # the KL, if any, is a loss term
+
     @property
     def uses_reference(self) -> bool:
         return self.kl_coef > 0
@@ -119,7 +121,7 @@ class RFT:
         """Token NLL of the kept samples [B, C] (+ a KL term), aggregated like the policy
         gradient losses; the mismatch weights do not apply (imitation, not a ratio)."""
         loss = aggregate(-b.logp, b.mask, self.loss_agg, b.n_tokens, b.n_seqs, b.norm_len)
-        stats = {"clip_tokens": 0.0}
+        stats = {"clip_tokens": 0.0, "kl_tokens": 0.0}
         if self.kl_in_loss:
             kl = kl_penalty(b.logp, b.ref_logp, self.kl_estimator)
             loss = loss + self.kl_coef * aggregate(kl, b.mask, self.kl_agg, b.n_tokens,

@@ -103,6 +103,7 @@ class VinePPO(PolicyGradient):
     chunk_tokens: int
     unfinished_penalty: float
     whiten_advantages: bool
+    kl_in_reward = False  # the KL, if any, is a loss term
 
     def __post_init__(self):
         super().__post_init__()
@@ -137,34 +138,9 @@ class VinePPO(PolicyGradient):
         flat = [(g, c) for g, group in enumerate(ro.groups) for c in group]
         bounds = [self.split(tok, c.token_ids) for _, c in flat]
         # 2. one request per distinct prefix (state) that needs a value: all but the last
-        keys: dict[tuple[int, ...], int] = {}
-        requests: list[list[int]] = []
-        budgets: list[int] = []
-        owner: list[tuple] = []  # request -> (group, a response with that prefix, k)
-        for (g, c), b in zip(flat, bounds):
-            for k in b[:-1]:
-                key = prefix_key(c, k)
-                if key not in keys:
-                    keys[key] = len(requests)
-                    requests.append(list(key))
-                    budgets.append(max(1, max_new - k))
-                    owner.append((g, c, k))
-        sampling = Sampling(n=self.mc_rollouts, temperature=source.sampling.temperature,
-                            top_p=source.sampling.top_p, max_new_tokens=max_new,
-                            stop=source.sampling.stop)
-        t1 = time.perf_counter()
-        conts = source.engine.generate(requests, sampling, max_new_tokens=budgets) if requests else []
-        sampling_s = time.perf_counter() - t1
-        # 3. each continuation is scored on the whole response: prefix + continuation
-        value = [0.0] * len(requests)
-        n_cont = n_unfinished = 0
-        for i, group in enumerate(conts):
-            g, c, k = owner[i]
-            scores = [self.score(source, c.token_ids[:k] + cont.token_ids, cont.finish_reason,
-                                 ro.examples[g]) for cont in group]
-            n_cont += len(group)
-            n_unfinished += sum(cont.finish_reason == "length" for cont in group)
-            value[i] = sum(scores) / len(scores)
+        keys, requests, budgets, owner = states(flat, bounds, max_new)
+        # 3. K continuations of each state, each scored on the whole response
+        value, n_cont, n_unfinished, sampling_s = self.values(ro, source, requests, budgets, owner)
         # 4. advantages per step, spread over the step's tokens
         samples, per_token_all = [], []
         n = ro.rewards.shape[1]
@@ -191,3 +167,44 @@ class VinePPO(PolicyGradient):
                    "perf/value_sampling_s": sampling_s,
                    "perf/value_estimation_s": time.perf_counter() - t0}
         return samples, metrics
+
+    def values(self, ro: Rollouts, source, requests, budgets, owner):
+        """Each state's Monte-Carlo value: the mean score of ``mc_rollouts`` continuations
+        sampled from it (prefix + continuation scored as a whole response); also the number
+        of continuations, of those cut at the token budget, and the seconds of sampling."""
+        sampling = Sampling(n=self.mc_rollouts, temperature=source.sampling.temperature,
+                            top_p=source.sampling.top_p, max_new_tokens=source.sampling.max_new_tokens,
+                            stop=source.sampling.stop)
+        t0 = time.perf_counter()
+        conts = source.engine.generate(requests, sampling, max_new_tokens=budgets) if requests else []
+        sampling_s = time.perf_counter() - t0
+        value = [0.0] * len(requests)
+        n_cont = n_unfinished = 0
+        for i, group in enumerate(conts):
+            g, c, k = owner[i]
+            scores = [self.score(source, c.token_ids[:k] + cont.token_ids, cont.finish_reason,
+                                 ro.examples[g]) for cont in group]
+            n_cont += len(group)
+            n_unfinished += sum(cont.finish_reason == "length" for cont in group)
+            value[i] = sum(scores) / len(scores)
+        return value, n_cont, n_unfinished, sampling_s
+
+
+def states(flat, bounds, max_new: int):
+    """The states to value: one per distinct prefix (prompt + the response up to a step
+    boundary, the last boundary excluded). Returns (prefix -> request index, the requests'
+    token ids, each one's remaining token budget, and for each (group, a response with that
+    prefix, the prefix length))."""
+    keys: dict[tuple[int, ...], int] = {}
+    requests: list[list[int]] = []
+    budgets: list[int] = []
+    owner: list[tuple] = []
+    for (g, c), b in zip(flat, bounds):
+        for k in b[:-1]:
+            key = prefix_key(c, k)
+            if key not in keys:
+                keys[key] = len(requests)
+                requests.append(list(key))
+                budgets.append(max(1, max_new - k))
+                owner.append((g, c, k))
+    return keys, requests, budgets, owner

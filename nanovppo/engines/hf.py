@@ -156,27 +156,7 @@ class HFEngine:
     def _generate_batch(self, prompts: list[list[int]], sp: Sampling,
                         budgets: list[int]) -> list[list[Completion]]:
         device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for r, p in enumerate(prompts):  # left padding
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [P, W]
-
-        cache = DynamicCache(config=self.model.config)
-        with self._autocast():
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=True,
-                                logits_to_keep=1).logits[:, -1]  # [P, V]
-        # Each prompt was prefilled once; its n samples share that prefix.
-        cache.batch_repeat_interleave(sp.n)
-        logits = logits.repeat_interleave(sp.n, 0)        # [B, V], B = P * n
-        mask = mask.repeat_interleave(sp.n, 0)            # [B, W]
-        last_pos = positions[:, -1].repeat_interleave(sp.n, 0)  # [B]
-
+        cache, logits, mask, last_pos = self._prefill(prompts, sp.n, device)
         batch = logits.shape[0]
         tokens: list[list[int]] = [[] for _ in range(batch)]
         logps: list[list[float]] = [[] for _ in range(batch)]
@@ -222,14 +202,33 @@ class HFEngine:
         generated.close()
         out = []
         for p, prompt in enumerate(prompts):
-            group = []
-            for row in range(p * sp.n, (p + 1) * sp.n):
-                text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
-                group.append(Completion(token_ids=tokens[row], text=text,
-                                        finish_reason=finish[row], logprobs=logps[row],
-                                        prompt_ids=list(prompt)))
-            out.append(group)
+            rows = range(p * sp.n, (p + 1) * sp.n)
+            out.append([Completion(token_ids=tokens[r], finish_reason=finish[r],
+                                   text=self.tokenizer.decode(tokens[r], skip_special_tokens=True),
+                                   logprobs=logps[r], prompt_ids=list(prompt)) for r in rows])
         return out
+
+    def _prefill(self, prompts: list[list[int]], n: int, device):
+        """Run the prompts (left-padded) once and copy each one's KV cache to its ``n``
+        samples; returns the cache, the next-token logits [P * n, V], the attention mask
+        [P * n, W] and each row's last position [P * n]."""
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):  # left padding
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [P, W]
+        cache = DynamicCache(config=self.model.config)
+        with self._autocast():
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                past_key_values=cache, use_cache=True,
+                                logits_to_keep=1).logits[:, -1]  # [P, V]
+        cache.batch_repeat_interleave(n)
+        return (cache, logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0),
+                positions[:, -1].repeat_interleave(n, 0))
 
     def _hit_stop(self, toks: list[int], stops, window: int) -> bool:
         tail = self.tokenizer.decode(toks[-window:], skip_special_tokens=False)
