@@ -1,10 +1,12 @@
 """fp32 against bf16 compute for the CPU default: a few GRPO steps of each, side by side.
 
     python bench/dtype.py [--steps 4]
+    python bench/dtype.py --smoke          # the tiny random model, 2 steps (the suite)
 
-Runs the default training job once with ``hardware.compute_dtype=float32`` and once with
-``bfloat16`` (master weights fp32 in both), each for ``--steps`` steps into a scratch
-MLflow store, and prints the median rollout, update and step seconds of steps 2..N.
+Runs the default training job (its RL steps: no warm start, no evaluation) once with
+``hardware.compute_dtype=float32`` and once with ``bfloat16`` (master weights fp32 in
+both), each for ``--steps`` steps into a scratch MLflow store, and prints the median
+rollout, update and step seconds of steps 2..N.
 """
 
 from __future__ import annotations
@@ -22,15 +24,18 @@ from mlflow.tracking import MlflowClient
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--smoke", action="store_true", help="the tiny random model, 2 steps")
     args = p.parse_args()
     out = Path(tempfile.mkdtemp(prefix="nanovppo-bench-"))
-    cache = Path("outputs/cache/models").resolve()
+    model = (["model=tiny-random", "inference_backend=hf"] if args.smoke else
+             [f"model.cache_dir={Path('outputs/cache/models').resolve()}"])
+    steps = 2 if args.smoke else args.steps
     rows = {}
     for dtype in ("float32", "bfloat16"):
         subprocess.run([sys.executable, "-m", "nanovppo.train", f"hardware.compute_dtype={dtype}",
-                        f"trainer.max_steps={args.steps}", "trainer.progress=false",
-                        "trainer.eval_every=0", "trainer.eval_examples=0",
-                        f"paths.outputs={out}", f"model.cache_dir={cache}",
+                        f"trainer.max_steps={steps}", "trainer.progress=false",
+                        "warm_start.steps=0", "trainer.eval_every=0", "trainer.eval_examples=0",
+                        "trainer.eval_pass_k=0", f"paths.outputs={out}", *model,
                         f"tracking.run_name={dtype}"], check=True, capture_output=True)
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("nanovppo")
@@ -40,7 +45,8 @@ def main() -> None:
             values = [m.value for m in client.get_metric_history(run.info.run_id, key) if m.step >= 2]
             med[key] = statistics.median(values)
         rows[run.data.params["hardware.compute_dtype"]] = med
-    print(f"median of steps 2..{args.steps}, SmolLM2-135M, 8 prompts x 4 samples, fp32 master weights")
+    print(f"median of steps 2..{steps}, {'tiny random model' if args.smoke else 'SmolLM2-135M'}, "
+          "the default recipe's prompts and samples per step, fp32 master weights")
     print(f"{'compute dtype':14} {'rollout s':>10} {'update s':>10} {'step s':>8} {'tok/s':>7}")
     for dtype, m in rows.items():
         print(f"{dtype:14} {m['perf/rollout_s']:10.1f} {m['perf/update_s']:10.1f} "

