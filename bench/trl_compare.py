@@ -72,6 +72,10 @@ VARIANTS = {
     # make train's recipe (conf/experiment/countdown_cpu.yaml: vllm engine, its dtypes),
     # on the bench's prompts and workload
     "nanovppo-default": ["experiment=countdown_cpu", "task=countdown"],
+    # the same with VinePPO, K = 4 continuations per state (its value estimation is the
+    # step's experience phase: perf/experience_s)
+    "nanovppo-default-vppo": ["experiment=countdown_cpu", "task=countdown", "algo=vppo",
+                              "algo.mc_rollouts=4"],
 }
 
 
@@ -139,6 +143,9 @@ def run_nanovppo(dtype: str, new_tokens: int, steps: int, variant: str, model: l
         "step": hist("perf/step_s"), "generation": hist("perf/rollout_s"),
         "forward": hist("perf/update_forward_s"), "backward": hist("perf/update_backward_s"),
         "optimizer": hist("perf/update_optimizer_s"), "weight_sync": hist("perf/weight_sync_s"),
+        "experience": hist("perf/experience_s"),
+        # VinePPO: the states valued and the continuations sampled for their values
+        "states": hist("train/states_valued"), "continuations": hist("train/continuations"),
         # generated tokens, and the tokens the update's forwards ran (each prompt once)
         "gen_tokens": [n * PROMPTS * GROUP for n in hist("train/response_length")],
         "update_tokens": hist("perf/update_tokens"),
@@ -245,7 +252,7 @@ def summarise(result: dict, dtype: str, peak: dict, params: tuple[int, int]) -> 
     s = result["steps"]
     med = lambda k: statistics.median(s[k][1:]) if s.get(k) else 0.0  # noqa: E731
     out = {k: med(k) for k in ("step", "generation", "forward", "backward", "optimizer",
-                               "weight_sync")}
+                               "weight_sync", "experience")}
     out["peak_rss_gb"] = result["peak_rss_gb"]
     out["tok_s"] = med("gen_tokens") / max(out["generation"], 1e-9)
     (decoder, head), limit = params, result.get("matmul_flops") or peak[dtype]
@@ -255,6 +262,7 @@ def summarise(result: dict, dtype: str, peak: dict, params: tuple[int, int]) -> 
     out["bwd_share"] = 2 * fwd_flops / max(out["backward"], 1e-9) / limit
     out["update_share"] = 3 * fwd_flops / max(out["forward"] + out["backward"], 1e-9) / limit
     out["gradient_share"] = statistics.mean(s["gradient_share"]) if s.get("gradient_share") else 0.0
+    out["states"], out["continuations"] = med("states"), med("continuations")
     return out
 
 
@@ -326,15 +334,22 @@ def main() -> int:
                 print(f"{fw:19s} {dtype} {tokens:3d} tok: {rows[(fw, dtype, tokens)]} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    cols = ["step", "generation", "forward", "backward", "optimizer", "weight_sync"]
-    print("\n| run | step s | gen s | fwd s | bwd s | opt s | sync s | peak RSS GB | gen tok/s"
+    cols = ["step", "generation", "experience", "forward", "backward", "optimizer", "weight_sync"]
+    print("\n| run | step s | gen s | experience s | fwd s | bwd s | opt s | sync s | peak RSS GB | gen tok/s"
           " | matmul GFLOP/s | fwd % peak | bwd % peak | update % peak | samples with gradient |")
-    print("|---" * 14 + "|")
+    print("|---" * 15 + "|")
     for (fw, dtype, tokens), r in rows.items():
         print(f"| {fw} {dtype} {tokens} | " + " | ".join(f"{r[c]:.2f}" for c in cols)
               + f" | {r['peak_rss_gb']:.2f} | {r['tok_s']:.0f} | {r['limit_gflops']:.0f}"
               f" | {100 * r['fwd_share']:.0f}% | {100 * r['bwd_share']:.0f}%"
               f" | {100 * r['update_share']:.0f}% | {100 * r['gradient_share']:.0f}% |")
+    for (fw, dtype, tokens), r in rows.items():
+        if r["states"]:
+            grpo = rows.get((fw.removesuffix("-vppo"), dtype, tokens))
+            print(f"\n{fw} {dtype} {tokens}: {r['states']:.0f} states x K continuations = "
+                  f"{r['continuations']:.0f}, value estimation {r['experience']:.2f} s a step"
+                  + (f", step {r['step'] / grpo['step']:.2f}x {fw.removesuffix('-vppo')}'s"
+                     if grpo else ""))
     print("\n| workload | nanovppo setting | step / TRL's | generation | update (fwd+bwd+opt)"
           " | peak RSS |")
     print("|---|---|---|---|---|---|")

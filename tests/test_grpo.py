@@ -80,16 +80,36 @@ def test_soft_overlong_penalty_by_hand():
     assert overlong_penalty(lengths, 8, 0, 2.0).tolist() == [0.0] * 4
 
 
-def test_presets_differ_from_grpo_in_what_their_papers_say():
-    grpo = make_algo("grpo")
-    assert (grpo.policy_loss, grpo.loss_agg, grpo.scale_rewards) == ("ppo", "seq-mean-token-mean", True)
-    assert make_algo("grpo", loss_agg="token-mean").kl_agg == "token-mean"  # follows loss_agg
-    assert make_algo("drgrpo").loss_agg == "seq-mean-token-sum-norm" and not make_algo("drgrpo").scale_rewards
-    dapo = make_algo("dapo")
-    assert (dapo.clip_high, dapo.loss_agg, dapo.dynamic_sampling) == (0.28, "token-mean", "correct")
-    gspo, cispo = make_algo("gspo"), make_algo("cispo")
-    assert gspo.policy_loss == "gspo" and (gspo.clip_low, gspo.clip_high) == (3e-4, 4e-4)
-    assert cispo.policy_loss == "cispo" and cispo.loss_agg == "token-mean"
+def test_presets_behave_as_their_papers_say_on_one_batch():
+    """One batch through GRPO and each preset: rewards [1, 0, 0, 1] and two tokens whose
+    ratio to the sampling policy is 1.25, advantage +1, one per sequence (2 sequences).
+
+    - Advantages: GRPO scales by the group's std (1/sqrt(3), Bessel): +-0.5 sqrt(3);
+      Dr.GRPO (arXiv 2503.20783) only centres: +-0.5.
+    - Clipping at ratio 1.25 and A > 0: GRPO's 1 + 0.2 clips both tokens (loss -1.2 each,
+      mean over tokens of each sequence, then over sequences: -1.2); DAPO's clip-higher
+      1 + 0.28 (arXiv 2503.14476) clips neither (-1.25).
+    - GSPO (arXiv 2507.18071) clips the sequence ratio 1.25 to 1 + 4e-4: -1.0004.
+    - CISPO (MiniMax-M1) weights A log pi by the detached ratio, clipped to at most
+      1 + 4 = 5: the loss value is -1.25 log pi = -1.25 log 1.25 per token, and nothing is
+      clipped at 1.25.
+    And REINFORCE++'s KL-in-reward is refused with GRPO's estimator."""
+    from nanovppo.algos.pg import LossBatch
+
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    assert torch.allclose(make_algo("grpo").advantages(rewards),
+                          torch.tensor([[1.0, -1.0, -1.0, 1.0]]) * 0.5 * math.sqrt(3))
+    assert torch.allclose(make_algo("drgrpo").advantages(rewards),
+                          torch.tensor([[0.5, -0.5, -0.5, 0.5]]))
+    logp = torch.full((2, 1), math.log(1.25))                                  # [B, C]
+    ones = torch.ones(2, 1)
+    b = LossBatch(logp, torch.zeros(2, 1), None, ones, ones, ones, 2.0, 2.0, 1.0)
+    want = {"grpo": (-1.2, 2.0), "dapo": (-1.25, 0.0), "gspo": (-1.0004, 2.0),
+            "cispo": (-1.25 * math.log(1.25), 0.0)}
+    for name, (loss, clipped) in want.items():
+        got, stats = make_algo(name).loss(b)
+        assert got.item() == pytest.approx(loss, rel=1e-5), name
+        assert stats["clip_tokens"] == clipped, name
     with pytest.raises(ValueError, match="kl_in_reward"):
         make_algo("grpo", kl_in_reward=True)
 
