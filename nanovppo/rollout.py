@@ -26,10 +26,6 @@ class Sample:
     truncated: bool
     group: int  # index of the prompt this completion answers
     engine_logprobs: list[float] | None = None
-    # Set by the update: the completion's log-probs [C] under the policy that sampled it
-    # (None: the current policy's, when it has not moved) and under the KL reference.
-    old_logprobs: torch.Tensor | None = None
-    ref_logprobs: torch.Tensor | None = None
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """The update: one step's optimisation of the policy over its scored samples.
 
+    batch = TrainBatch of the samples ([N, C] advantages, loss mask, engine log-probs)
+    old (and reference) log-probs of every row, unless the policy has not moved
     for each PPO epoch (algo.ppo_epochs):
         for each minibatch (algo.num_minibatches; one optimizer step each):
             for each micro-batch (trainer.micro_batch_size sequences):
@@ -33,7 +35,7 @@ from nanovppo import distributed as dd
 from nanovppo import memory
 from nanovppo.algos.losses import mismatch_stats, rollout_correction
 from nanovppo.algos.pg import LossBatch
-from nanovppo.batching import collate, micro_batches, normalisers, pad_to_busiest, split_groups
+from nanovppo.batching import TrainBatch, micro_batches, normalisers, pad_to_busiest, split_groups
 from nanovppo.head import reuse_head_cast, sparse_tied_embedding_grads
 from nanovppo.logprobs import GroupLogprobs, PlainLogprobs, pad_groups
 from nanovppo.models import to_dtype
@@ -80,28 +82,28 @@ def minibatch_autocast(model, cfg):
     return stack
 
 
-def micro_logprobs(model, mb: list[Sample], pad_id: int, cfg, temperature: float,
-                   with_entropy=False):
-    """Log-probs [b, C] of a micro-batch (entropy too if asked) and its padded batch.
+def micro_logprobs(model, batch: TrainBatch, rows: list[int], pad_id: int, cfg,
+                   temperature: float, with_entropy=False):
+    """Log-probs [b, C] of a micro-batch's rows (entropy too if asked) and its padded batch.
 
     An empty micro-batch stands for a rank that has less work than the others: it runs a
     one-token forward so that every rank makes the same collective calls.
     """
     prompts, completions, seen = [], [], {}
-    for s in mb:  # samples of a group are adjacent (see micro_batches)
-        if s.group not in seen:
-            seen[s.group] = len(prompts)
-            prompts.append(s.prompt_ids)
+    for i in rows:  # rows of a group are adjacent (see micro_batches)
+        if batch.group[i] not in seen:
+            seen[batch.group[i]] = len(prompts)
+            prompts.append(batch.prompt_ids[i])
             completions.append([])
-        completions[seen[s.group]].append(s.completion_ids)
-    if mb:
-        batch = pad_groups(prompts, completions, pad_id)
+        completions[seen[batch.group[i]]].append(batch.completion_ids[i])
+    if rows:
+        padded = pad_groups(prompts, completions, pad_id)
     else:  # one pad token as prompt and completion, masked out
-        batch = pad_groups([[pad_id]], [[[pad_id]]], pad_id)
-        batch = batch._replace(completion_mask=torch.zeros_like(batch.completion_mask))
+        padded = pad_groups([[pad_id]], [[[pad_id]]], pad_id)
+        padded = padded._replace(completion_mask=torch.zeros_like(padded.completion_mask))
     with autocast_ctx(cfg):
-        out = model(batch, temperature, cfg.trainer.logprob_chunk_rows, with_entropy)
-    return out, batch
+        out = model(padded, temperature, cfg.trainer.logprob_chunk_rows, with_entropy)
+    return out, padded
 
 
 @torch.no_grad()
@@ -115,15 +117,18 @@ def probe_logprobs(model, ids: list[int], cfg, pad_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def store_logprobs(model, samples: list[Sample], attr: str, pad_id, cfg, d: dd.Dist,
-                   temperature) -> None:
-    """Set each sample's ``attr`` (``old_logprobs`` or ``ref_logprobs``) to its completion's
-    log-probs [C_s] under ``model``."""
-    [batches] = pad_to_busiest([micro_batches(samples, cfg.trainer.micro_batch_size)], d)
-    for mb in batches:
-        logp, _ = micro_logprobs(model, mb, pad_id, cfg, temperature)
-        for r, s in enumerate(mb):
-            setattr(s, attr, logp[r, :len(s.completion_ids)])
+def batch_logprobs(model, batch: TrainBatch, pad_id, cfg, d: dd.Dist, temperature) -> torch.Tensor:
+    """[N, C] log-probs of every row's completion under ``model`` (the sampling policy's
+    or the KL reference's), zero past each completion's end."""
+    out = torch.zeros_like(batch.mask)
+    [micro] = pad_to_busiest([micro_batches(batch, list(range(len(batch.group))),
+                                            cfg.trainer.micro_batch_size)], d)
+    for rows in micro:
+        logp, _ = micro_logprobs(model, batch, rows, pad_id, cfg, temperature)
+        for r, i in enumerate(rows):
+            n = len(batch.completion_ids[i])
+            out[i, :n] = logp[r, :n]
+    return out
 
 
 def grad_sync(model, on: bool):
@@ -136,20 +141,21 @@ def grad_sync(model, on: bool):
     return contextlib.nullcontext()
 
 
-def plan(samples: list[Sample], algo, cfg, step: int, d: dd.Dist):
-    """The micro-batches of each minibatch of each epoch, each minibatch's loss normalisers
-    (its loss tokens and sequences over all ranks), and the loss tokens of all epochs.
+def plan(batch: TrainBatch, algo, cfg, step: int, d: dd.Dist):
+    """The micro-batches (lists of rows) of each minibatch of each epoch, each minibatch's
+    loss normalisers (its loss tokens and sequences over all ranks), and the loss tokens of
+    all epochs.
 
-    On the fast path only samples that carry a gradient are forwarded: without a KL term a
+    On the fast path only rows that carry a gradient are forwarded: without a KL term a
     completion whose advantage is 0 on every token (a group whose samples all scored the
     same) has a loss and gradient of exactly 0."""
     rng = random.Random(cfg.seed * 1_000_003 + step)  # the same on every rank
-    epochs = [split_groups(samples, algo.num_minibatches, rng, d) for _ in range(algo.ppo_epochs)]
-    norms = [[normalisers(mb, algo.mask_truncated, d) for mb in epoch] for epoch in epochs]
-    loss_tokens = float(sum(len(s.completion_ids) for epoch in epochs for mb in epoch for s in mb
-                            if not (algo.mask_truncated and s.truncated)))
-    keep = algo.carries_gradient if cfg.trainer.fast else (lambda s: True)
-    batches = [[micro_batches([s for s in mb if keep(s)], cfg.trainer.micro_batch_size)
+    epochs = [split_groups(batch.group, algo.num_minibatches, rng, d)
+              for _ in range(algo.ppo_epochs)]
+    norms = [[normalisers(batch, mb, d) for mb in epoch] for epoch in epochs]
+    loss_tokens = float(sum(batch.loss_tokens[i] for epoch in epochs for mb in epoch for i in mb))
+    keep = (lambda i: batch.trains[i]) if cfg.trainer.fast else (lambda i: True)
+    batches = [[micro_batches(batch, [i for i in mb if keep(i)], cfg.trainer.micro_batch_size)
                 for mb in epoch] for epoch in epochs]
     if d.on:  # every rank runs as many micro-batches as the busiest one (empty ones pad)
         flat = pad_to_busiest([b for epoch in batches for b in epoch], d)
@@ -176,18 +182,17 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
         reuse_current = (fast and algo.ppo_epochs == 1 and algo.num_minibatches == 1
                          and not kl_in_reward)
         t0 = time.perf_counter()
-        for s in samples:
-            s.old_logprobs = s.ref_logprobs = None
+        batch = TrainBatch.from_samples(samples, algo.mask_truncated, algo.carries_gradient)
         if not reuse_current:
-            store_logprobs(model, samples, "old_logprobs", pad_id, cfg, d, temperature)
+            batch.old_logp = batch_logprobs(model, batch, pad_id, cfg, d, temperature)
         if ref is not None:
-            store_logprobs(ref, samples, "ref_logprobs", pad_id, cfg, d, temperature)
+            batch.ref_logp = batch_logprobs(ref, batch, pad_id, cfg, d, temperature)
         acc.perf["forward_s"] += time.perf_counter() - t0
         if kl_in_reward:
-            algo.fold_kl(samples, [s.old_logprobs for s in samples],
-                         None if ref is None else [s.ref_logprobs for s in samples])
+            algo.fold_kl(samples, batch.per_row(batch.old_logp), batch.per_row(batch.ref_logp))
+            batch = batch.with_advantages_of(samples, algo.mask_truncated, algo.carries_gradient)
 
-        epochs, norms, acc.totals["tokens"] = plan(samples, algo, cfg, step, d)
+        epochs, norms, acc.totals["tokens"] = plan(batch, algo, cfg, step, d)
         trained = sum(len(micro) for minibatch in epochs[0] for micro in minibatch)
         acc.totals["samples"] = float(len(samples))
         acc.totals["skipped_samples"] = float(len(samples) - trained)
@@ -200,10 +205,10 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
                 # One autocast region per minibatch: the weights' bf16 casts are made once
                 # and reused by its micro-batches (the weights only change at step()).
                 with minibatch_autocast(model, cfg):
-                    for i, mb in enumerate(batches):
+                    for i, rows in enumerate(batches):
                         with grad_sync(model, i == len(batches) - 1):
-                            _micro_step(model, mb, algo, cfg, pad_id, temperature, epoch,
-                                        n_tokens, n_seqs, correction, d, acc)
+                            _micro_step(model, batch, rows, algo, cfg, pad_id, temperature,
+                                        epoch, n_tokens, n_seqs, correction, d, acc)
                         mem.trim()  # low_memory: the micro-batch's activations, now freed
                         progress.update()
                 _optimizer_step(model, optimizer, cfg, acc)
@@ -212,18 +217,20 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
     return acc.metrics(algo, d)
 
 
-def _micro_step(model, mb, algo, cfg, pad_id, temperature, epoch, n_tokens, n_seqs,
-                correction, d: dd.Dist, acc: "_Accumulators") -> None:
-    """Forward, loss and backward of one micro-batch; its figures go to ``acc``."""
+def _micro_step(model, batch: TrainBatch, rows: list[int], algo, cfg, pad_id, temperature,
+                epoch, n_tokens, n_seqs, correction, d: dd.Dist, acc: "_Accumulators") -> None:
+    """Forward, loss and backward of one micro-batch (``rows`` of ``batch``); its figures
+    go to ``acc``."""
     t0 = time.perf_counter()
     # Entropy is reported for the first pass over the samples only.
-    out, batch = micro_logprobs(model, mb, pad_id, cfg, temperature, with_entropy=epoch == 0)
+    out, padded = micro_logprobs(model, batch, rows, pad_id, cfg, temperature,
+                                 with_entropy=epoch == 0)
     logp, ent = out if epoch == 0 else (out, None)
-    if not mb:  # a padding micro-batch: the same collectives, no gradient
+    if not rows:  # a padding micro-batch: the same collectives, no gradient
         with no_autocast(cfg):
             (logp.sum() * 0.0).backward()
         return
-    t = collate(mb, algo.mask_truncated)                                  # [b, C] each
+    t = batch.micro(rows)                                                 # [b, C] each
     old_logp = logp.detach() if t.old_logp is None else t.old_logp
     weight = torch.ones_like(t.mask)
     # The engine's log-probs are at the sampling temperature; RFT's loss takes them at 1:
@@ -245,15 +252,15 @@ def _micro_step(model, mb, algo, cfg, pad_id, temperature, epoch, n_tokens, n_se
         (loss * d.world).backward()  # the ranks average gradients; the loss is a sum's share
     acc.perf["forward_s"] += t1 - t0
     acc.perf["backward_s"] += time.perf_counter() - t1
-    acc.perf["tokens"] += batch.prompt_ids.numel() + batch.completion_ids.numel()
-    acc.perf["head_tokens"] += batch.completion_mask.sum().item()
+    acc.perf["tokens"] += padded.prompt_ids.numel() + padded.completion_ids.numel()
+    acc.perf["head_tokens"] += padded.completion_mask.sum().item()
     acc.totals["loss"] += loss.item()
     acc.totals["clip_tokens"] += stats["clip_tokens"]
     acc.totals["kl_tokens"] += stats["kl_tokens"]
     if epoch == 0:  # over the loss's tokens (truncated ones out where masked) of samples
         # that carry a gradient: the same set on the plain and the fast path, which skips
         # the others
-        trained = torch.tensor([float(algo.carries_gradient(s)) for s in mb])[:, None]  # [b, 1]
+        trained = torch.tensor([float(batch.trains[i]) for i in rows])[:, None]       # [b, 1]
         mask = t.mask * trained                                                       # [b, C]
         acc.totals["entropy_tokens"] += (ent.float() * mask).sum().item()
         acc.totals["entropy_count"] += mask.sum().item()

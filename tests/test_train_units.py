@@ -4,8 +4,9 @@ import contextlib
 import random
 
 import pytest
+import torch
 
-from nanovppo.batching import examples_for_step, micro_batches, split_groups
+from nanovppo.batching import TrainBatch, examples_for_step, micro_batches, split_groups
 from nanovppo.optim import lr_factor
 from nanovppo.rollout import Sample
 from tests.conftest import compose_cfg
@@ -27,24 +28,39 @@ def _samples(groups, n):
 
 
 def test_micro_batches_keep_groups_whole():
-    samples = _samples(5, 3)
-    batches = micro_batches(samples, 7)
-    assert sorted(id(s) for b in batches for s in b) == sorted(id(s) for s in samples)
-    for b in batches:
-        assert len(b) <= 7
-        groups = [s.group for s in b]
-        for g in set(groups):  # a group's samples are together and complete
-            assert groups.count(g) == 3
+    """Rows of 5 groups of 3 packed into micro-batches of at most 7 rows: each holds whole
+    groups (two of them), every row once, shortest groups first (group g has prompts of
+    3 + g tokens and completions of g + 1 to g + 3)."""
+    batch = TrainBatch.from_samples(_samples(5, 3), False, lambda s: True)
+    micro = micro_batches(batch, list(range(15)), 7)
+    assert sorted(i for b in micro for i in b) == list(range(15))
+    assert [sorted({batch.group[i] for i in b}) for b in micro] == [[0, 1], [2, 3], [4]]
     # a micro-batch smaller than a group still holds one whole group
-    assert all(len(b) == 3 for b in micro_batches(samples, 2))
+    assert [len(b) for b in micro_batches(batch, list(range(15)), 2)] == [3] * 5
 
 
 def test_minibatches_split_by_group():
-    parts = split_groups(_samples(6, 2), 3, random.Random(0))
+    groups = [s.group for s in _samples(6, 2)]
+    parts = split_groups(groups, 3, random.Random(0))
     assert len(parts) == 3
-    assert sorted(s.group for p in parts for s in p) == sorted(s.group for s in _samples(6, 2))
+    assert sorted(i for p in parts for i in p) == list(range(12))
     for p in parts:
-        assert len({s.group for s in p}) == 2
+        assert len({groups[i] for i in p}) == 2
+
+
+def test_the_train_batch_holds_each_sample_as_a_row():
+    """Two samples: a sequence advantage (0.5 on its 2 tokens) and a per-token one on 3
+    tokens, the second truncated and masked; only the first has engine log-probs."""
+    samples = [Sample([1, 2], [5, 6], 0.5, 1.0, False, 0, [-1.0, -2.0]),
+               Sample([1, 2], [7, 8, 9], [0.1, 0.2, 0.3], 0.0, True, 0)]
+    batch = TrainBatch.from_samples(samples, True, lambda s: s.reward > 0)
+    assert torch.allclose(batch.advantages, torch.tensor([[0.5, 0.5, 0.0], [0.1, 0.2, 0.3]]))
+    assert batch.mask.tolist() == [[1, 1, 0], [0, 0, 0]]
+    assert (batch.loss_tokens, batch.trains, batch.has_engine) == ([2, 0], [True, False],
+                                                                   [True, False])
+    first = batch.micro([0])  # cut to its own length, with its engine log-probs
+    assert first.advantages.tolist() == [[0.5, 0.5]] and first.engine_logp.tolist() == [[-1, -2]]
+    assert batch.micro([0, 1]).engine_logp is None  # one row has none
 
 
 def test_lr_schedules():

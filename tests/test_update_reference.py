@@ -78,19 +78,19 @@ def plain_update(model, ref, algo, samples, cfg, step, correction, autocast):
     with torch.no_grad(), autocast():
         old = [plain_logprobs(model, s, temperature) for s in samples]
         refs = [plain_logprobs(ref, s, temperature) for s in samples]
-    if getattr(algo, "kl_in_reward", False):
+    if algo.kl_in_reward:
         algo.fold_kl(samples, old, refs)
-    index = {id(s): i for i, s in enumerate(samples)}
     rng = random.Random(cfg.seed * 1_000_003 + step)
     totals = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "tokens": 0.0}
     for _ in range(algo.ppo_epochs):
-        for minibatch in split_groups(samples, algo.num_minibatches, rng):
+        for rows in split_groups([s.group for s in samples], algo.num_minibatches, rng):
+            minibatch = [samples[i] for i in rows]
             keep = [s for s in minibatch if not (algo.mask_truncated and s.truncated)]
             n_tokens = max(1.0, float(sum(len(s.completion_ids) for s in keep)))
             n_seqs = max(1.0, float(len(keep)))
             opt.zero_grad(set_to_none=True)
-            for s in minibatch:
-                i = index[id(s)]
+            for i in rows:
+                s = samples[i]
                 with autocast():
                     logp = plain_logprobs(model, s, temperature)[None]           # [1, C]
                 C = logp.shape[1]
@@ -107,7 +107,7 @@ def plain_update(model, ref, algo, samples, cfg, step, correction, autocast):
                 loss.backward()
                 totals["loss"] += loss.item()
                 totals["clip"] += stats["clip_tokens"]
-                totals["kl"] += stats.get("kl_tokens", 0.0)
+                totals["kl"] += stats["kl_tokens"]
                 totals["tokens"] += mask.sum().item()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.max_grad_norm)
             opt.step()
