@@ -80,3 +80,17 @@ def build(node, where: str = "config", **extra):
         if isinstance(cause, NanovppoError):
             raise cause from None
         raise
+
+
+def load_task(name: str, **overrides):
+    """The task ``conf/task/NAME.yaml`` describes, with ``overrides`` replacing some of its
+    values: for scripts, notebooks and tests (a run builds its task from its own config).
+
+    >>> load_task("countdown_small", n_train=3, n_test=2).user_template[:20]
+    'Make {target} from {'
+    """
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=bare", f"task={name}"])
+    return build(cfg.task, "task", **overrides)

@@ -27,6 +27,23 @@ def compose_cfg(overrides=(), tmp_path: Path | None = None):
         return compose(config_name="config", overrides=[*extra, *overrides])
 
 
+def make_engine(name: str, model, tok, seed: int = 0, **options):
+    """An engine built as the trainer builds it: ``conf/inference_backend/NAME.yaml``
+    (composed with the CPU hardware) with ``options`` replacing some of its values."""
+    from nanovppo.config import build
+
+    cfg = compose_cfg([f"inference_backend={name}"]).inference_backend
+    return build(cfg, "inference_backend", model=model, tokenizer=tok, seed=seed,
+                 _convert_="partial", **options)
+
+
+def hf_engine(model, tok, seed: int = 0, **options):
+    """The hf engine sampling from ``model`` itself, as the tests mostly want it: the YAML's
+    values but no bf16 copy (``dtype=None``) and the model's attention left as it is."""
+    return make_engine("hf", model, tok, seed, **{"dtype": None, "attn_implementation": None,
+                                                   **options})
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer) of the tiny random Llama, loaded once."""

@@ -5,7 +5,7 @@ import copy
 import torch
 
 from nanovppo.engines.base import Sampling
-from nanovppo.engines.hf import HFEngine
+from tests.conftest import hf_engine
 from tests.test_logprobs import naive_logprobs
 
 PROMPTS = [[1, 5, 9, 200, 31], [7, 8]]
@@ -13,7 +13,7 @@ PROMPTS = [[1, 5, 9, 200, 31], [7, 8]]
 
 def test_logprobs_equal_a_separate_forward_pass(tiny):
     model, tok = tiny
-    engine = HFEngine(model, tok, seed=0)
+    engine = hf_engine(model, tok, seed=0)
     groups = engine.generate(PROMPTS, Sampling(n=3, temperature=0.8, max_new_tokens=12))
     assert [len(g) for g in groups] == [3, 3]
     with torch.no_grad():
@@ -30,9 +30,9 @@ def test_logprobs_equal_a_separate_forward_pass(tiny):
 def test_same_seed_same_samples_and_different_seed_differs(tiny):
     model, tok = tiny
     sp = Sampling(n=4, temperature=1.0, max_new_tokens=10)
-    a = HFEngine(model, tok, seed=1).generate(PROMPTS, sp)
-    b = HFEngine(model, tok, seed=1).generate(PROMPTS, sp)
-    c = HFEngine(model, tok, seed=2).generate(PROMPTS, sp)
+    a = hf_engine(model, tok, seed=1).generate(PROMPTS, sp)
+    b = hf_engine(model, tok, seed=1).generate(PROMPTS, sp)
+    c = hf_engine(model, tok, seed=2).generate(PROMPTS, sp)
     ids = lambda gs: [x.token_ids for g in gs for x in g]
     assert ids(a) == ids(b)
     assert ids(a) != ids(c)
@@ -41,8 +41,8 @@ def test_same_seed_same_samples_and_different_seed_differs(tiny):
 def test_batches_of_any_size_give_the_same_samples_under_greedy(tiny):
     model, tok = tiny
     sp = Sampling(n=2, temperature=0.0, max_new_tokens=8)
-    big = HFEngine(model, tok, max_batch=64).generate(PROMPTS, sp)
-    small = HFEngine(model, tok, max_batch=2).generate(PROMPTS, sp)
+    big = hf_engine(model, tok, max_batch=64).generate(PROMPTS, sp)
+    small = hf_engine(model, tok, max_batch=2).generate(PROMPTS, sp)
     assert [x.token_ids for g in big for x in g] == [x.token_ids for g in small for x in g]
     # greedy: both samples of a prompt agree
     assert big[0][0].token_ids == big[0][1].token_ids
@@ -72,7 +72,7 @@ def test_stop_string_and_eos_end_a_completion(tiny):
             return out
 
     prompt = [4, 5, 6]
-    engine = HFEngine(Forced(forced, len(prompt)), tok)
+    engine = hf_engine(Forced(forced, len(prompt)), tok)
     [[c]] = engine.generate([prompt], Sampling(n=1, max_new_tokens=30, stop=("</answer>",)))
     assert c.finish_reason == "stop"
     assert c.text.endswith("</answer>") and "tail" not in c.text
@@ -86,7 +86,7 @@ def test_stop_string_and_eos_end_a_completion(tiny):
 def test_a_bf16_copy_follows_weight_updates(tiny):
     model, tok = tiny
     policy = copy.deepcopy(model)
-    engine = HFEngine(policy, tok, dtype="bfloat16")
+    engine = hf_engine(policy, tok, dtype="bfloat16")
     assert not engine.shares_policy
     assert next(engine.model.parameters()).dtype == torch.bfloat16
     with torch.no_grad():
@@ -98,5 +98,5 @@ def test_a_bf16_copy_follows_weight_updates(tiny):
     after = dict(engine.model.named_parameters())[name].float()
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, param.detach(), atol=1e-2, rtol=1e-2)
-    shared = HFEngine(policy, tok, dtype="float32")
+    shared = hf_engine(policy, tok, dtype="float32")
     assert shared.shares_policy and shared.model is policy

@@ -8,9 +8,19 @@ import pytest
 
 from nanovppo.tasks.base import DatasetUnavailableError
 from nanovppo.tasks.grading import gsm8k_final_answer, last_boxed
-from nanovppo.tasks.math import GSM8KTask, MathTask
+from nanovppo.config import load_task
 
 FIX = Path(__file__).parent / "fixtures"
+
+
+def MathTask(**overrides):
+    """The task as conf/task/math.yaml builds it, with ``overrides``."""
+    return load_task("math", **overrides)
+
+
+def GSM8KTask(**overrides):
+    """The task as conf/task/gsm8k.yaml builds it, with ``overrides``."""
+    return load_task("gsm8k", **overrides)
 
 def test_last_boxed_handles_nesting_and_bad_input():
     assert last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2^{3}}}") == "\\frac{1}{2^{3}}"

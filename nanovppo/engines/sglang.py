@@ -63,18 +63,17 @@ class SGLangEngine(SGLangServer):
     trainer_numerics = False  # its own kernels, in bf16: the mismatch is corrected
     shares_policy = False     # weights are pushed after every update
 
-    def __init__(self, model, tokenizer, seed: int = 0, name: str = "sglang",
-                 host: str = "127.0.0.1", port: int = 30000, base_gpu_id: int = 0,
-                 dp_size: int = 1, mem_fraction_static: float = 0.5,
-                 dtype: str | None = None, startup_timeout_s: float = 600,
-                 request_timeout_s: float = 600, shutdown_timeout_s: float = 10,
-                 weights_dir: str | None = None, server_url: str | None = None,
-                 extra_args: Iterable[str] = (), env: dict | None = None,
-                 python: str | None = None, launch_command: list[str] | None = None,
-                 max_sequences_per_request: int = 1024, per_request_seeds: bool = False,
-                 enable_memory_saver: bool = False, weight_update_session: str = "auto"):
+    def __init__(self, model, tokenizer, seed: int, *, name: str, host: str, port: int,
+                 base_gpu_id: int, dp_size: int, mem_fraction_static: float,
+                 dtype: str | None, startup_timeout_s: float, request_timeout_s: float,
+                 shutdown_timeout_s: float, weights_dir: str | None, server_url: str | None,
+                 extra_args: Iterable[str], env: dict, python: str | None,
+                 launch_command: list[str] | None, max_sequences_per_request: int,
+                 per_request_seeds: bool, enable_memory_saver: bool,
+                 weight_update_session: str):
         """Save ``model`` and ``tokenizer`` into ``weights_dir`` and start a server on it,
-        or, with ``server_url``, use a server someone else runs (and leave it running)."""
+        or, with ``server_url``, use a server someone else runs (and leave it running).
+        Every option comes from ``conf/inference_backend/sglang.yaml`` (no defaults here)."""
         if weight_update_session not in ("auto", "always", "never"):
             raise ConfigError("inference_backend.weight_update_session must be auto, always "
                               f"or never, not {weight_update_session!r}")

@@ -78,13 +78,12 @@ class VLLMEngine:
     shares_policy = False     # weights are pushed after every update
     _warned_top_p = False
 
-    def __init__(self, model, tokenizer, seed: int = 0, name: str = "vllm",
-                 dtype: str = "bfloat16", max_model_len: int = 2048,
-                 gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: int = 2,
-                 enable_prefix_caching: bool = True, enable_sleep_mode: bool = True,
-                 sleep_level: int = 1, tensor_parallel_size: int = 1,
-                 max_num_seqs: int = 256, enforce_eager: bool = False,
-                 block_size: int | None = None):
+    def __init__(self, model, tokenizer, seed: int, *, name: str, dtype: str,
+                 max_model_len: int, gpu_memory_utilization: float, cpu_kv_cache_gib: int,
+                 enable_prefix_caching: bool, enable_sleep_mode: bool, sleep_level: int,
+                 tensor_parallel_size: int, max_num_seqs: int, enforce_eager: bool,
+                 block_size: int | None):
+        # Every option comes from conf/inference_backend/vllm.yaml (no defaults here).
         # vLLM logs its whole config at INFO; keep the trainer's output readable.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         try:

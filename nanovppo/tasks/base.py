@@ -32,13 +32,17 @@ class Reward:
         return float(self.correct) + sum(self.shaping.values())
 
 
-def shaping_weights(given: dict | None, names: tuple[str, ...], where: str) -> dict[str, float]:
-    """``given`` checked against the shaping terms ``names`` a task knows; missing ones are 0."""
-    given = dict(given or {})
+def shaping_weights(given: dict, names: tuple[str, ...], where: str) -> dict[str, float]:
+    """``given`` checked against the shaping terms ``names`` a task knows: each one given
+    (the task's YAML lists them all, 0 for off), no other."""
+    given = dict(given)
     unknown = sorted(set(given) - set(names))
     if unknown:
         raise ConfigError(f"{where}: unknown shaping term(s) {unknown}; the terms are {list(names)}")
-    weights = {k: float(given.get(k, 0.0)) for k in names}
+    missing = [k for k in names if k not in given]
+    if missing:
+        raise ConfigError(f"{where} lacks the shaping term(s) {missing} (0 turns one off)")
+    weights = {k: float(given[k]) for k in names}
     if min(weights.values(), default=0.0) < 0:
         raise ConfigError(f"{where}: shaping weights must be >= 0, got {weights}")
     return weights

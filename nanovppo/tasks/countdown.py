@@ -17,8 +17,8 @@ With positive ``format`` and ``numbers`` weights the reward orders responses as 
 should: correct > a wrong equation over exactly the given numbers > an attempt with some
 of them > prose in the tags = empty tags = no output = 0 (tests/test_countdown.py).
 
->>> task = CountdownTask(shaping={"format": 0.1, "numbers": 0.2}, n_train=1, n_test=1,
-...                      generate={"counts": [3], "low": 1, "high": 9, "max_target": 50})
+>>> from nanovppo.config import load_task
+>>> task = load_task("countdown", n_train=1, n_test=1)  # shaping: format 0.1, numbers 0.2
 >>> r = task.reward("<think>6-2=4, 4*3=12</think> <answer>(6 - 2) * 3</answer>",
 ...                 {"nums": [2, 3, 6], "target": 12})
 >>> r.correct, round(r.total, 6)
@@ -40,12 +40,6 @@ from nanovppo.tasks.base import Reward, Task, load_records, shaping_weights, spl
 SHAPING = ("format", "numbers", "closeness")
 DEMONSTRATION_STYLES = ("direct", "search")
 
-SYSTEM = ("You are a helpful assistant. You first think about the reasoning process "
-          "and then give the answer.")
-# The example in the prompt has letters for numbers: copying it is no attempt (it earns 0).
-USER = ("Using the numbers {nums}, create an equation that equals {target}. You can use "
-        "+, -, * and /, and each number exactly once. Think in <think> </think> tags, then "
-        "give the equation in <answer> </answer> tags, for example <answer> (a + b) * c </answer>.")
 
 
 # ----------------------------------------------------------------------------------------
@@ -181,15 +175,16 @@ class CountdownTask(Task):
     name = "countdown"
     stop = ("</answer>",)
 
-    def __init__(self, name: str = "countdown", source: str = "generate", hub_id: str | None = None,
-                 data_files=None, generate: dict | None = None, n_train: int = 2000,
-                 n_test: int = 64, seed: int = 0, system_prompt: str | None = SYSTEM,
-                 user_template: str = USER, prefill: str = "<think>",
-                 shaping: dict | None = None, demonstration: dict | None = None):
+    def __init__(self, *, name: str, source: str, hub_id: str | None, data_files,
+                 generate: dict, n_train: int, n_test: int, seed: int,
+                 system_prompt: str | None, user_template: str, prefill: str,
+                 shaping: dict, demonstration: dict):
+        """Every option comes from conf/task/countdown.yaml, where each is described (no
+        defaults here)."""
         super().__init__(system_prompt, user_template, prefill)
         self.name = name
         self.shaping = shaping_weights(shaping, SHAPING, "task.shaping")
-        demo = dict(demonstration or {"style": "direct", "max_wrong_tries": 0})
+        demo = dict(demonstration)
         if set(demo) != {"style", "max_wrong_tries"} or demo["style"] not in DEMONSTRATION_STYLES \
                 or not (isinstance(demo["max_wrong_tries"], int) and demo["max_wrong_tries"] >= 0):
             raise ConfigError("task.demonstration takes style (direct or search) and "
@@ -241,8 +236,9 @@ class CountdownTask(Task):
         marked ``(no)`` as its value misses the target, then the solution's steps marked
         ``(yes)``: a search to imitate, whose checks the answer can rest on.
 
-        >>> task = CountdownTask(n_train=1, n_test=1, generate={"counts": [3], "low": 1,
-        ...     "high": 9, "max_target": 50}, demonstration={"style": "search", "max_wrong_tries": 2})
+        >>> from nanovppo.config import load_task
+        >>> task = load_task("countdown", n_train=1, n_test=1,
+        ...                  demonstration={"style": "search", "max_wrong_tries": 2})
         >>> ex = {"nums": [2, 3, 6], "target": 12, "solution": "(6 - 2) * 3",
         ...       "steps": ["6 - 2 = 4", "4 * 3 = 12"]}
         >>> print(task.demonstration(ex))  # 3 * 6 * 2 = 36 and 6 / 3 / 2 = 1 miss 12

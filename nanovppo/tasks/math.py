@@ -40,7 +40,7 @@ class _AnswerTask(Task):
     # Shaping terms: ``boxed`` pays for ending with a boxed answer that has content.
     SHAPING = ("boxed",)
 
-    def __init__(self, name, templates: dict, template: str, prefill: str, shaping: dict | None,
+    def __init__(self, name, templates: dict, template: str, prefill: str, shaping: dict,
                  seed: int, n_train: int | None, n_test: int | None):
         if template not in templates:
             raise ConfigError(f"task.template={template!r}; choose one of {sorted(templates)}")
@@ -121,15 +121,14 @@ class _AnswerTask(Task):
 class MathTask(_AnswerTask):
     """``task=math``: see conf/task/math.yaml."""
 
-    def __init__(self, name: str = "math", hub_id: str | None = "EleutherAI/hendrycks_math",
-                 hub_configs: list[str] | None = None, data_files=None,
-                 test_hub_id: str | None = None, test_files=None, subjects=None, levels=None,
-                 problem_field: str = "problem", answer_field: str | None = "answer",
-                 solution_field: str = "solution", templates: dict | None = None,
-                 template: str = "cot", prefill: str = "", shaping: dict | None = None,
-                 grading_timeout: float = 5.0, seed: int = 0, n_train: int | None = None,
-                 n_test: int | None = 500, test_from_train: int = 500):
-        super().__init__(name, templates or {"cot": {"user": "{question}"}}, template, prefill,
+    def __init__(self, *, name: str, hub_id: str | None, hub_configs: list[str] | None,
+                 data_files, test_hub_id: str | None, test_files, subjects, levels,
+                 problem_field: str, answer_field: str | None, solution_field: str,
+                 templates: dict, template: str, prefill: str, shaping: dict,
+                 grading_timeout: float, seed: int, n_train: int | None, n_test: int | None,
+                 test_from_train: int):
+        # Every option comes from conf/task/math.yaml, where each is described.
+        super().__init__(name, templates, template, prefill,
                          shaping, seed, n_train, n_test)
         self.grader = MathGrader(timeout=grading_timeout)
         self.problem_field, self.answer_field, self.solution_field = \
@@ -179,13 +178,12 @@ class MathTask(_AnswerTask):
 class GSM8KTask(_AnswerTask):
     """``task=gsm8k``: see conf/task/gsm8k.yaml."""
 
-    def __init__(self, name: str = "gsm8k", hub_id: str | None = "openai/gsm8k",
-                 hub_config: str | None = "main", data_files=None, test_files=None,
-                 question_field: str = "question", answer_field: str = "answer",
-                 templates: dict | None = None, template: str = "cot", prefill: str = "",
-                 shaping: dict | None = None, seed: int = 0, n_train: int | None = None,
-                 n_test: int | None = 500, test_from_train: int = 200):
-        super().__init__(name, templates or {"cot": {"user": "{question}"}}, template, prefill,
+    def __init__(self, *, name: str, hub_id: str | None, hub_config: str | None, data_files,
+                 test_files, question_field: str, answer_field: str, templates: dict,
+                 template: str, prefill: str, shaping: dict, seed: int, n_train: int | None,
+                 n_test: int | None, test_from_train: int):
+        # Every option comes from conf/task/gsm8k.yaml, where each is described.
+        super().__init__(name, templates, template, prefill,
                          shaping, seed, n_train, n_test)
         self.question_field, self.answer_field = question_field, answer_field
         required = [question_field, answer_field]
