@@ -82,15 +82,22 @@ def build(node, where: str = "config", **extra):
         raise
 
 
+def compose_config(overrides=()) -> DictConfig:
+    """conf/config.yaml composed with ``overrides`` (Hydra's syntax), without the default
+    recipe unless they name one (``experiment=...``): for scripts, notebooks and tests (a
+    run gets its config from Hydra's command line)."""
+    from hydra import compose, initialize_config_dir
+
+    bare = [] if any(str(o).startswith("experiment=") for o in overrides) else ["experiment=bare"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[*bare, *overrides])
+
+
 def load_task(name: str, **overrides):
     """The task ``conf/task/NAME.yaml`` describes, with ``overrides`` replacing some of its
-    values: for scripts, notebooks and tests (a run builds its task from its own config).
+    values (see ``compose_config``).
 
     >>> load_task("countdown_small", n_train=3, n_test=2).user_template[:20]
     'Make {target} from {'
     """
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["experiment=bare", f"task={name}"])
-    return build(cfg.task, "task", **overrides)
+    return build(compose_config([f"task={name}"]).task, "task", **overrides)

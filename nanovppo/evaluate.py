@@ -27,8 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from nanovppo import checkpoint as ckpt
 from nanovppo import distributed as dd
-from nanovppo.engines.base import Sampling
 from nanovppo.config import CONF_DIR, build, seed_everything
+from nanovppo.engines.base import Sampling
 from nanovppo.errors import ConfigError, NanovppoError
 from nanovppo.lora import ADAPTER_CONFIG, load_adapters
 from nanovppo.models import load_model

@@ -18,12 +18,12 @@ checkpoints hold only the adapters' tensors, and
 from __future__ import annotations
 
 import contextlib
-import copy
 from pathlib import Path
 
 import torch
 
 from nanovppo.errors import ConfigError
+from nanovppo.models import frozen_copy
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -85,9 +85,7 @@ def engine_weights(policy):
 
 def merged_model(policy) -> torch.nn.Module:
     """A plain transformers model with the adapters folded in (the policy is unchanged)."""
-    if not is_lora(policy):
-        return policy
-    return copy.deepcopy(policy).eval().requires_grad_(False).merge_and_unload()
+    return frozen_copy(policy).merge_and_unload() if is_lora(policy) else policy
 
 
 class AdapterOffLogprobs(torch.nn.Module):

@@ -3,9 +3,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from nanovppo.config import CONF_DIR
+from nanovppo.config import compose_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -18,13 +17,10 @@ TINY = ["experiment=bare", "model=tiny-random", "trainer.prompts_per_step=2", "a
 
 
 def compose_cfg(overrides=(), tmp_path: Path | None = None):
-    """The config of conf/config.yaml alone (no recipe: ``experiment=bare``) with
-    ``overrides``, unless they name a recipe (``experiment=...``)."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        extra = [f"paths.outputs={tmp_path}"] if tmp_path else []
-        if not any(o.startswith("experiment=") for o in overrides):
-            extra.append("experiment=bare")
-        return compose(config_name="config", overrides=[*extra, *overrides])
+    """``nanovppo.config.compose_config`` (no recipe unless one is named), with the run
+    folders under ``tmp_path`` when given."""
+    extra = [f"paths.outputs={tmp_path}"] if tmp_path else []
+    return compose_config([*extra, *overrides])
 
 
 def make_engine(name: str, model, tok, seed: int = 0, **options):
