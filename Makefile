@@ -30,8 +30,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 train: setup
 	$(PY) -m nanovppo.train $(ARGS)
 
+# One pytest worker a core (pytest-xdist); `pytest -q tests/test_x.py` runs one file in one.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 clean-venv:
 	rm -rf $(VENV)

@@ -76,6 +76,11 @@ VARIANTS = {
     # step's experience phase: perf/experience_s)
     "nanovppo-default-vppo": ["experiment=countdown_cpu", "task=countdown", "algo=vppo",
                               "algo.mc_rollouts=4"],
+    # the same training LoRA adapters (rank 16 on every linear layer of the blocks) instead
+    # of every weight
+    "nanovppo-default-lora": ["experiment=countdown_cpu", "task=countdown",
+                              "model.lora={r: 16, alpha: 32, dropout: 0.0, target_modules: "
+                              "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}"],
 }
 
 

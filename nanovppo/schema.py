@@ -96,6 +96,7 @@ RULES: dict[str, Rule] = {
     "rollout.sync_check.max_gap": number(0, low_open=True),
     "warm_start.steps": integer(0),
     "warm_start.batch_size": integer(1),
+    "warm_start.demonstrations": optional(integer(1)),
     "warm_start.lr": number(0, low_open=True),
     "warm_start.schedule": choice("constant", "linear"),
     "trainer.max_steps": integer(0),

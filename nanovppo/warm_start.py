@@ -31,10 +31,12 @@ from nanovppo.update import update
 log = logging.getLogger("nanovppo")
 
 
-def demonstrations(task) -> list[tuple[dict, str]]:
-    """The training examples the task can demonstrate, with their demonstrations."""
+def demonstrations(task, limit: int | None) -> list[tuple[dict, str]]:
+    """The training examples the task can demonstrate, with their demonstrations: those
+    of the first ``limit`` training problems (None: of all)."""
     write = getattr(task, "demonstration", None)
-    pairs = [(ex, write(ex)) for ex in task.train_examples] if write else []
+    examples = task.train_examples if limit is None else task.train_examples[:limit]
+    pairs = [(ex, write(ex)) for ex in examples] if write else []
     pairs = [(ex, demo) for ex, demo in pairs if demo]
     if not pairs:
         raise ConfigError(f"warm_start.steps > 0, but task {task.name!r} writes no "
@@ -55,7 +57,7 @@ def warm_start(cfg, task, tokenizer, model, tracker, d: dd.Dist) -> dict:
     ``GroupLogprobs`` wrapper, possibly DDP-wrapped) and return the stage's metrics. It runs
     before the rollout engine is built, so the engine starts from the warm-started weights."""
     ws = cfg.warm_start
-    pairs = demonstrations(task)
+    pairs = demonstrations(task, ws.demonstrations)
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=ws.lr, betas=tuple(cfg.trainer.adam_betas),
                       weight_decay=cfg.trainer.weight_decay, seed=cfg.seed + 1,
                       kind=cfg.trainer.optimizer)
@@ -87,6 +89,7 @@ def warm_start(cfg, task, tokenizer, model, tracker, d: dd.Dist) -> dict:
     steps.close()
     seconds = time.perf_counter() - t0
     if d.main:
-        log.info("warm start: %d steps of %d demonstrations in %.0f s, loss %.3f -> %.3f",
-                 ws.steps, ws.batch_size, seconds, losses[0], losses[-1])
+        log.info("warm start: %d steps of %d demonstrations (of %d problems' own) in %.0f s, "
+                 "loss %.3f -> %.3f", ws.steps, ws.batch_size, len(pairs), seconds, losses[0],
+                 losses[-1])
     return {"warm_start/seconds": seconds, "warm_start/final_loss": losses[-1]}

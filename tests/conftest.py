@@ -8,7 +8,13 @@ from nanovppo.config import compose_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# make test runs the suite in parallel (pytest-xdist, one worker a core): each worker, and
+# the runs it starts as subprocesses, gets its share of the cores instead of all of them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+torch.set_num_threads(_THREADS)
 
 # Small settings for runs on the tiny random model.
 TINY = ["experiment=bare", "model=tiny-random", "trainer.prompts_per_step=2", "algo.group_size=2",

@@ -207,6 +207,15 @@ def test_each_generated_problem_carries_a_solution_and_a_demonstration_that_solv
     assert all(task.demonstration({k: r[k] for k in ("nums", "target")}) is None for r in rows)
 
 
+def test_the_warm_start_draws_on_the_first_n_problems_demonstrations_only():
+    from nanovppo.warm_start import demonstrations
+    task = CountdownTask(n_train=50, n_test=5, seed=3)
+    first = demonstrations(task, 7)
+    assert [ex for ex, _ in first] == task.train_examples[:7]
+    assert [demo for _, demo in first] == [task.demonstration(ex) for ex in task.train_examples[:7]]
+    assert len(demonstrations(task, None)) == 50 and len(demonstrations(task, 500)) == 50
+
+
 def test_search_demonstrations_compute_each_try_exactly_and_end_at_the_target():
     """Each line of a search demonstration is a chain "a op b = c, c op d = e (no|yes)":
     every step's arithmetic holds, the numbers of a line are the problem's, a "(no)" line

@@ -28,6 +28,7 @@ BAD = {
     "rollout.sync_check.max_gap": -0.1,
     "warm_start.steps": -3,
     "warm_start.batch_size": 0,
+    "warm_start.demonstrations": 0,
     "warm_start.lr": 0,
     "warm_start.schedule": "cosine",
     "trainer.max_steps": -1,
