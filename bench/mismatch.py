@@ -30,7 +30,7 @@ from nanovppo.engines.base import Sampling  # noqa: E402
 from nanovppo.logprobs import GroupLogprobs, pad_groups  # noqa: E402
 from nanovppo.models import load_model  # noqa: E402
 from nanovppo.rollout import render_prompt  # noqa: E402
-from nanovppo.update import autocast_ctx  # noqa: E402
+from nanovppo.models import autocast_ctx  # noqa: E402
 from tests.conftest import compose_cfg  # noqa: E402
 
 

@@ -30,7 +30,9 @@ sys.path.insert(0, str(ROOT))
 from nanovppo.models import load_model  # noqa: E402
 from nanovppo.rollout import render_prompt  # noqa: E402
 from nanovppo.sync import SyncCheck  # noqa: E402
-from nanovppo.update import autocast_ctx, logprob_module, probe_logprobs  # noqa: E402
+from nanovppo.fast import logprob_module  # noqa: E402
+from nanovppo.models import autocast_ctx  # noqa: E402
+from nanovppo.update import probe_logprobs  # noqa: E402
 from tests.conftest import compose_cfg  # noqa: E402
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def rollout_metrics(ro, task) -> dict:
-    """The step's rollout, as ``train/*`` metrics (before they are averaged over ranks)."""
+def rollout_metrics(ro, task, rollout_s: float) -> dict:
+    """The step's rollout (which took ``rollout_s`` seconds), as ``train/*`` metrics and its
+    generation speed (before they are averaged over ranks)."""
     lengths = [len(c.token_ids) for g in ro.groups for c in g]
     truncated = [c.finish_reason == "length" for g in ro.groups for c in g]
     return {
@@ -18,6 +19,7 @@ def rollout_metrics(ro, task) -> dict:
         "train/response_length": float(np.mean(lengths)),
         "train/truncated_frac": float(np.mean(truncated)),
         **{f"train/shaping/{k}_mean": v.mean().item() for k, v in ro.shaping.items()},
+        "perf/gen_tokens_per_s": sum(lengths) / max(rollout_s, 1e-9),
     }
 
 

@@ -137,3 +137,19 @@ def _from_pretrained(path: str, dtype: torch.dtype):
             "unreachable and the model not cached: download it on a machine with access "
             "and set model.source=dir model.path=/path/to/model.") from e
     return model, tok
+
+
+def autocast_ctx(cfg):
+    """bf16 (or ``hardware.compute_dtype``) matmuls over weights kept in ``param_dtype``."""
+    dtype = to_dtype(cfg.hardware.compute_dtype)
+    if dtype == to_dtype(cfg.hardware.param_dtype):
+        return no_autocast(cfg)
+    return torch.autocast(_autocast_device(cfg), dtype=dtype)
+
+
+def no_autocast(cfg):
+    return torch.autocast(_autocast_device(cfg), enabled=False)
+
+
+def _autocast_device(cfg) -> str:
+    return "cuda" if str(cfg.hardware.device).startswith("cuda") else "cpu"

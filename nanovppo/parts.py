@@ -26,7 +26,8 @@ from nanovppo.runs import Launch, make_tracker, prepare_run
 from nanovppo.schema import check_against_task, check_config
 from nanovppo.sync import SyncCheck
 from nanovppo.tracking import Tracker
-from nanovppo.update import logprob_module, probe_logprobs, resolve_correction
+from nanovppo.fast import logprob_module
+from nanovppo.update import probe_logprobs, resolve_correction
 from nanovppo.warm_start import warm_start
 
 log = logging.getLogger("nanovppo")

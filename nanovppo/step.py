@@ -8,7 +8,7 @@ import logging
 import time
 
 from nanovppo import distributed as dd
-from nanovppo import memory
+from nanovppo import fast
 from nanovppo.batching import examples_for_step
 from nanovppo.metrics import rollout_metrics, samples_table
 from nanovppo.policy import sync_engine
@@ -21,19 +21,18 @@ def train_step(run, step: int) -> tuple[dict, dict]:
     """Step ``step`` of ``run`` (a ``nanovppo.parts.Run``) on this rank's share of the
     prompts; returns (the metrics of the whole job, this rank's samples table)."""
     cfg, d, task, engine = run.cfg, run.d, run.task, run.engine
-    fast = bool(cfg.trainer.fast)
     t_start = time.perf_counter()
     idx = examples_for_step(len(task.train_examples), cfg.trainer.prompts_per_step, cfg.seed,
                             step)[d.rank::d.world]
     run.source.begin(step)
 
     t0 = time.perf_counter()
-    with memory.phase(fast):  # rollout and reward: the engine samples, the task scores
+    with fast.phase(cfg):  # rollout and reward: the engine samples, the task scores
         ro = run.source.collect([task.train_examples[i] for i in idx])
     rollout_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    with memory.phase(fast):  # experience: advantages (VinePPO: Monte-Carlo values)
+    with fast.phase(cfg):  # experience: advantages (VinePPO: Monte-Carlo values)
         samples, metrics = run.algo.make_samples(ro, run.source)
     experience_s = time.perf_counter() - t0
 
@@ -52,16 +51,14 @@ def train_step(run, step: int) -> tuple[dict, dict]:
     metrics["train/skipped_update"] = float(not trains)
     update_s = time.perf_counter() - t0
 
-    metrics.update(rollout_metrics(ro, task))
+    metrics.update(rollout_metrics(ro, task, rollout_s))
     step_s = time.perf_counter() - t_start
-    gen_tokens = sum(len(c.token_ids) for g in ro.groups for c in g)
     metrics.update({
         "train/lr": run.optimizer.param_groups[0]["lr"],
         "perf/rollout_s": rollout_s, "perf/experience_s": experience_s, "perf/update_s": update_s,
         "perf/step_s": step_s,
         # the share of the step spent building experience (VinePPO: value estimation)
         "perf/experience_frac": experience_s / max(step_s, 1e-9),
-        "perf/gen_tokens_per_s": gen_tokens / max(rollout_s, 1e-9),
     })
     metrics = dd.reduce_metrics(metrics, d)
     metrics.update(job_wide)

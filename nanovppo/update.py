@@ -10,21 +10,14 @@
                 loss.backward()            # gradients accumulate over the minibatch
             clip the gradient norm; optimizer.step()
 
-Speed lives behind one switch, ``trainer.fast`` (read by ``logprob_module`` and ``update``
-only). ``fast: false`` is the plain path, the one to read first: full-vocabulary
-log-softmax over every sequence on its own, one autocast region per micro-batch, every
-sample forwarded, a separate forward for the old log-probs, glibc's default memory
-handling. ``fast: true`` (the default) gives the same update (tests/test_update_reference.py
-checks both against a naive loop) with: each prompt run once for its group and only real
-completion tokens scored in chunks (``GroupLogprobs``), the backward in two phases and a
-sparse tied-embedding gradient in one process, the weights' bf16 casts kept for a
-minibatch, the current log-probs reused as the old ones when the policy has not moved,
-samples with no gradient skipped, and freed memory kept for reuse (``memory.phase``).
+The speed work (``trainer.fast``: a prompt run once for its group, no separate forward for
+the old log-probs when the policy has not moved, rows without a gradient skipped, one
+autocast region a minibatch, memory kept for reuse) and the distributed switch are
+``nanovppo.fast``'s answers; this module asks them and reads the same either way.
 """
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 
@@ -32,54 +25,14 @@ import numpy as np
 import torch
 
 from nanovppo import distributed as dd
-from nanovppo import memory
+from nanovppo import fast
 from nanovppo.algos.losses import mismatch_stats, rollout_correction
 from nanovppo.algos.pg import LossBatch
 from nanovppo.batching import TrainBatch, micro_batches, normalisers, pad_to_busiest, split_groups
-from nanovppo.head import reuse_head_cast, sparse_tied_embedding_grads
-from nanovppo.logprobs import GroupLogprobs, PlainLogprobs, pad_groups
-from nanovppo.models import to_dtype
+from nanovppo.logprobs import pad_groups
+from nanovppo.models import autocast_ctx, no_autocast
 from nanovppo.progress import bar
 from nanovppo.rollout import Sample
-
-
-def logprob_module(policy, fast: bool, one_process: bool) -> torch.nn.Module:
-    """The module whose forward gives a micro-batch's completion log-probs (the trainer
-    wraps it, not the policy, in DDP or FSDP2)."""
-    if not fast:
-        return PlainLogprobs(policy)
-    if one_process:  # sparse tied-embedding grads and the two-phase backward: one process only
-        sparse_tied_embedding_grads(policy)
-    return GroupLogprobs(policy, split_backward=one_process)
-
-
-def autocast_ctx(cfg):
-    """bf16 (or ``hardware.compute_dtype``) matmuls over weights kept in ``param_dtype``."""
-    dtype = to_dtype(cfg.hardware.compute_dtype)
-    if dtype == to_dtype(cfg.hardware.param_dtype):
-        return no_autocast(cfg)
-    return torch.autocast(_autocast_device(cfg), dtype=dtype)
-
-
-def no_autocast(cfg):
-    return torch.autocast(_autocast_device(cfg), enabled=False)
-
-
-def _autocast_device(cfg) -> str:
-    return "cuda" if str(cfg.hardware.device).startswith("cuda") else "cpu"
-
-
-def minibatch_autocast(model, cfg):
-    """An autocast region around a minibatch's micro-batches (fast path). Autocast keeps the
-    casts of leaf weights until its outermost region ends, so the fp32 weights are cast to
-    bf16 once per minibatch instead of once per micro-batch (and again in checkpointed
-    recomputes). The output head's cast is kept the same way (``reuse_head_cast``). Not
-    under FSDP2, whose gathered weights are freed and refilled between forwards."""
-    stack = contextlib.ExitStack()
-    if cfg.trainer.fast and not hasattr(model, "set_requires_gradient_sync"):  # not FSDP2
-        stack.enter_context(autocast_ctx(cfg))
-        stack.enter_context(reuse_head_cast())
-    return stack
 
 
 def micro_logprobs(model, batch: TrainBatch, rows: list[int], pad_id: int, cfg,
@@ -131,30 +84,16 @@ def batch_logprobs(model, batch: TrainBatch, pad_id, cfg, d: dd.Dist, temperatur
     return out
 
 
-def grad_sync(model, on: bool):
-    """Whether this backward pass reduces gradients across ranks (only a minibatch's last
-    micro-batch does; the others accumulate locally)."""
-    if hasattr(model, "no_sync"):  # DDP
-        return contextlib.nullcontext() if on else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(on)
-    return contextlib.nullcontext()
-
-
 def plan(batch: TrainBatch, algo, cfg, step: int, d: dd.Dist):
     """The micro-batches (lists of rows) of each minibatch of each epoch, each minibatch's
     loss normalisers (its loss tokens and sequences over all ranks), and the loss tokens of
-    all epochs.
-
-    On the fast path only rows that carry a gradient are forwarded: without a KL term a
-    completion whose advantage is 0 on every token (a group whose samples all scored the
-    same) has a loss and gradient of exactly 0."""
+    all epochs. Only the rows ``fast.trains`` picks are forwarded."""
     rng = random.Random(cfg.seed * 1_000_003 + step)  # the same on every rank
     epochs = [split_groups(batch.group, algo.num_minibatches, rng, d)
               for _ in range(algo.ppo_epochs)]
     norms = [[normalisers(batch, mb, d) for mb in epoch] for epoch in epochs]
     loss_tokens = float(sum(batch.loss_tokens[i] for epoch in epochs for mb in epoch for i in mb))
-    keep = (lambda i: batch.trains[i]) if cfg.trainer.fast else (lambda i: True)
+    keep = fast.trains(batch, cfg)
     batches = [[micro_batches(batch, [i for i in mb if keep(i)], cfg.trainer.micro_batch_size)
                 for mb in epoch] for epoch in epochs]
     if d.on:  # every rank runs as many micro-batches as the busiest one (empty ones pad)
@@ -171,24 +110,18 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
     ``logprob_module``s; ``correction`` the engine/trainer mismatch correction
     (``resolve_correction``; None: off)."""
     temperature = algo.loss_temperature(cfg.rollout.temperature)
-    fast = bool(cfg.trainer.fast)
     acc = _Accumulators()
-    with memory.phase(fast, low=bool(cfg.hardware.low_memory)) as mem:  # memory peaks here
-        # PPO's "old" log-probs are those of the policy that sampled, i.e. before this
-        # step's first optimizer step. With one pass and one minibatch the policy has not
-        # moved since sampling, so on the fast path they are the current ones (detached),
-        # unless the advantages need them first (REINFORCE++ folds the KL into its returns).
-        kl_in_reward = algo.kl_in_reward
-        reuse_current = (fast and algo.ppo_epochs == 1 and algo.num_minibatches == 1
-                         and not kl_in_reward)
+    with fast.phase(cfg, low_memory=bool(cfg.hardware.low_memory)) as mem:  # memory peaks here
         t0 = time.perf_counter()
         batch = TrainBatch.from_samples(samples, algo.mask_truncated, algo.carries_gradient)
-        if not reuse_current:
+        # PPO's "old" log-probs: the sampling policy's (if not computed here, the current
+        # ones, detached: the policy has not moved since it sampled)
+        if fast.needs_old_logprobs(algo, cfg):
             batch.old_logp = batch_logprobs(model, batch, pad_id, cfg, d, temperature)
         if ref is not None:
             batch.ref_logp = batch_logprobs(ref, batch, pad_id, cfg, d, temperature)
         acc.perf["forward_s"] += time.perf_counter() - t0
-        if kl_in_reward:
+        if algo.kl_in_reward:  # REINFORCE++ folds the KL into its returns
             algo.fold_kl(samples, batch.per_row(batch.old_logp), batch.per_row(batch.ref_logp))
             batch = batch.with_advantages_of(samples, algo.mask_truncated, algo.carries_gradient)
 
@@ -202,11 +135,9 @@ def update(model, ref, algo, samples: list[Sample], cfg, optimizer, pad_id: int,
         for epoch, minibatches in enumerate(epochs):
             for batches, (n_tokens, n_seqs) in zip(minibatches, norms[epoch]):
                 optimizer.zero_grad(set_to_none=True)
-                # One autocast region per minibatch: the weights' bf16 casts are made once
-                # and reused by its micro-batches (the weights only change at step()).
-                with minibatch_autocast(model, cfg):
+                with fast.minibatch(model, cfg):
                     for i, rows in enumerate(batches):
-                        with grad_sync(model, i == len(batches) - 1):
+                        with fast.grad_sync(model, on=i == len(batches) - 1):
                             _micro_step(model, batch, rows, algo, cfg, pad_id, temperature,
                                         epoch, n_tokens, n_seqs, correction, d, acc)
                         mem.trim()  # low_memory: the micro-batch's activations, now freed

@@ -104,9 +104,10 @@ def test_one_autocast_region_per_minibatch_gives_the_per_micro_batch_gradients(t
 
     import torch
 
+    from nanovppo import fast
     from nanovppo.distributed import decoder_layers
     from nanovppo.logprobs import GroupLogprobs, checkpoint_layers, pad_groups
-    from nanovppo.update import autocast_ctx, minibatch_autocast, no_autocast
+    from nanovppo.models import autocast_ctx, no_autocast
 
     model, tok = tiny
     model = copy.deepcopy(model).train()
@@ -119,7 +120,7 @@ def test_one_autocast_region_per_minibatch_gives_the_per_micro_batch_gradients(t
 
     def step(one_region: bool, bf16: bool = True):
         model.zero_grad(set_to_none=True)
-        outer = minibatch_autocast(module, cfg) if one_region else contextlib.nullcontext()
+        outer = fast.minibatch(module, cfg) if one_region else contextlib.nullcontext()
         with outer:
             for b in batches:
                 with autocast_ctx(cfg) if bf16 else no_autocast(cfg):

@@ -36,7 +36,9 @@ from nanovppo.config import build
 from nanovppo.logprobs import GroupLogprobs, PlainLogprobs
 from nanovppo.rollout import Sample
 from nanovppo.batching import split_groups
-from nanovppo.update import autocast_ctx, logprob_module, resolve_correction, update
+from nanovppo.fast import logprob_module
+from nanovppo.models import autocast_ctx
+from nanovppo.update import resolve_correction, update
 from tests.conftest import TINY, compose_cfg
 
 GROUPS, PER_GROUP = 4, 2
