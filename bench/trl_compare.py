@@ -3,10 +3,12 @@
     pip install -e .[bench]                      # TRL, pinned
     python bench/trl_compare.py                  # bf16 and fp32, 48 and 96 new tokens
     python bench/trl_compare.py --dtypes bf16 --new-tokens 48 --steps 4
+    python bench/trl_compare.py --dtypes bf16 --new-tokens 48 96 256 512 --groups 4 8 16 \
+        --frameworks nanovppo-default trl --trl-max-tokens 256   # how cost grows
     python bench/trl_compare.py --smoke          # the tiny random model, seconds (the suite)
 
 Workload (both frameworks): SmolLM2-135M-Instruct, Countdown prompts rendered the same
-way, 8 prompts x 4 samples per step, T=1, top-p 1, no stop string (completions run to EOS
+way, 8 prompts x 4 samples per step (``--groups``: other group sizes), T=1, top-p 1, no stop string (completions run to EOS
 or the token limit), one optimizer step per rollout batch in micro-batches of 8, no
 reference model (KL 0), lr 2e-5, AdamW. bf16 means bf16 autocast over fp32 weights in both
 (TRL: ``bf16=True, use_cpu=True``; nanovppo's default setting); fp32 means fp32 throughout.
@@ -17,7 +19,7 @@ scores 0 everywhere, every advantage is 0, and nanovppo skips work TRL does); th
 samples with a non-zero advantage is printed for each. nanovppo is driven through its
 configuration only (the bench task is loaded like a user's own task).
 
-Each (framework, dtype, length) runs in its own process, nanovppo and TRL alternating, so
+Each (framework, dtype, length, group size) runs in its own process, nanovppo and TRL alternating, so
 peak RSS is that process's own. Reported per run: median over steps 2..N of the step
 time and its phases (generation, log-prob + loss forward, backward, optimizer, weight
 sync), peak RSS, generated tokens/s, and each phase's FLOP/s as a share of this
@@ -50,7 +52,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PROMPTS, GROUP, MICRO, LR = 8, 4, 8, 2e-5
+# Prompts a step, micro-batch size, learning rate; the group size (samples a prompt) is
+# --groups' (4 unless given).
+PROMPTS, MICRO, LR = 8, 8, 2e-5
 # The reward both frameworks optimise (see the module's docstring).
 BENCH_TASK = "bench.bench_tasks.LengthRewardCountdown"
 
@@ -122,7 +126,8 @@ def peak_rss_gb() -> float:
 # Workers (one process each)
 # ----------------------------------------------------------------------------------------
 
-def run_nanovppo(dtype: str, new_tokens: int, steps: int, variant: str, model: list[str]) -> dict:
+def run_nanovppo(dtype: str, new_tokens: int, group: int, steps: int, variant: str,
+                 model: list[str]) -> dict:
     from mlflow.tracking import MlflowClient
 
     from nanovppo.train import train
@@ -132,7 +137,7 @@ def run_nanovppo(dtype: str, new_tokens: int, steps: int, variant: str, model: l
     compute = "bfloat16" if dtype == "bf16" else "float32"
     cfg = compose_cfg([*VARIANTS[variant], *model, f"task._target_={BENCH_TASK}",
                        f"trainer.max_steps={steps}", f"rollout.max_new_tokens={new_tokens}",
-                       f"trainer.prompts_per_step={PROMPTS}", f"algo.group_size={GROUP}",
+                       f"trainer.prompts_per_step={PROMPTS}", f"algo.group_size={group}",
                        f"trainer.micro_batch_size={MICRO}", f"algo.lr={LR}",
                        "warm_start.steps=0", "trainer.eval_every=0", "trainer.eval_examples=0",
                        "trainer.eval_pass_k=0", "trainer.checkpoint_every=0",
@@ -152,7 +157,7 @@ def run_nanovppo(dtype: str, new_tokens: int, steps: int, variant: str, model: l
         # VinePPO: the states valued and the continuations sampled for their values
         "states": hist("train/states_valued"), "continuations": hist("train/continuations"),
         # generated tokens, and the tokens the update's forwards ran (each prompt once)
-        "gen_tokens": [n * PROMPTS * GROUP for n in hist("train/response_length")],
+        "gen_tokens": [n * PROMPTS * group for n in hist("train/response_length")],
         "update_tokens": hist("perf/update_tokens"),
         "head_tokens": hist("perf/update_head_tokens"),
         # samples whose advantage is not 0 on every token (the others are skipped)
@@ -160,7 +165,7 @@ def run_nanovppo(dtype: str, new_tokens: int, steps: int, variant: str, model: l
     return {"steps": per_step, "peak_rss_gb": peak_rss_gb()}
 
 
-def run_trl(dtype: str, new_tokens: int, steps: int, model: list[str]) -> dict:
+def run_trl(dtype: str, new_tokens: int, group: int, steps: int, model: list[str]) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -202,8 +207,8 @@ def run_trl(dtype: str, new_tokens: int, steps: int, model: list[str]) -> dict:
 
     args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), use_cpu=True,
                       bf16=(dtype == "bf16"), fp16=False, per_device_train_batch_size=MICRO,
-                      gradient_accumulation_steps=PROMPTS * GROUP // MICRO,
-                      num_generations=GROUP, max_completion_length=new_tokens,
+                      gradient_accumulation_steps=PROMPTS * group // MICRO,
+                      num_generations=group, max_completion_length=new_tokens,
                       temperature=1.0, top_p=1.0, learning_rate=LR, beta=0.0,
                       max_steps=steps, logging_steps=1, save_strategy="no", report_to="none",
                       num_iterations=1, seed=0, disable_tqdm=True, loss_type="dapo")
@@ -271,13 +276,14 @@ def summarise(result: dict, dtype: str, peak: dict, params: tuple[int, int]) -> 
     return out
 
 
-def worker_main(framework: str, dtype: str, new_tokens: int, steps: int, smoke: bool) -> None:
+def worker_main(framework: str, dtype: str, new_tokens: int, group: int, steps: int,
+                smoke: bool) -> None:
     torch.manual_seed(0)
     model = SMOKE_MODEL if smoke else MODEL
     if framework == "trl":
-        result = run_trl(dtype, new_tokens, steps, model)
+        result = run_trl(dtype, new_tokens, group, steps, model)
     else:
-        result = run_nanovppo(dtype, new_tokens, steps, framework, model)
+        result = run_nanovppo(dtype, new_tokens, group, steps, framework, model)
     # The limit as this process sees it, right after its steps: this machine's speed drifts
     # by 10-20% over minutes (generation, whose code did not change, too), and a phase's
     # share should not count that drift.
@@ -289,6 +295,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"])
     ap.add_argument("--new-tokens", nargs="+", type=int, default=[48, 96])
+    ap.add_argument("--groups", nargs="+", type=int, default=[4],
+                    help="group sizes (samples a prompt; 8 prompts a step)")
+    ap.add_argument("--trl-max-tokens", type=int, default=None,
+                    help="run TRL only up to this many new tokens (it is slow at 512)")
     ap.add_argument("--steps", type=int, default=4, help="the median is over steps 2..N")
     ap.add_argument("--frameworks", nargs="+",
                     default=["nanovppo", "nanovppo-bf16w", "nanovppo-bf16w-ckpt",
@@ -297,15 +307,15 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true",
                     help="the tiny random model, 8 tokens, 2 steps, bf16, nanovppo (and TRL "
                          "if installed): that the bench runs, not figures")
-    ap.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "DTYPE", "TOKENS"),
+    ap.add_argument("--worker", nargs=4, metavar=("FRAMEWORK", "DTYPE", "TOKENS", "GROUP"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.smoke:
         args.dtypes, args.new_tokens, args.steps = ["bf16"], [8], 2
         args.frameworks = ["nanovppo"] + (["trl"] if importlib.util.find_spec("trl") else [])
     if args.worker:
-        fw, dtype, tokens = args.worker
-        worker_main(fw, dtype, int(tokens), args.steps, args.smoke)
+        fw, dtype, tokens, group = args.worker
+        worker_main(fw, dtype, int(tokens), int(group), args.steps, args.smoke)
         return 0
 
     from nanovppo.models import load_model
@@ -320,38 +330,52 @@ def main() -> int:
     rows, failed = {}, False
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
-    for dtype in args.dtypes:
-        for tokens in args.new_tokens:
-            for fw in args.frameworks:  # alternating, so drift hits both alike
-                if "bf16w" in fw and dtype != "bf16":
-                    continue
-                t0 = time.perf_counter()
-                proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
-                                       *(["--smoke"] if args.smoke else []),
-                                       "--worker", fw, dtype, str(tokens)], env=env,
-                                      cwd=ROOT, capture_output=True, text=True)
-                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                if proc.returncode or not line:
-                    print(f"{fw} {dtype} {tokens}: failed\n{proc.stderr[-3000:]}", flush=True)
-                    failed = True
-                    continue
-                rows[(fw, dtype, tokens)] = summarise(json.loads(line[0][7:]), dtype, peak, params)
-                print(f"{fw:19s} {dtype} {tokens:3d} tok: {rows[(fw, dtype, tokens)]} "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    # A workload: (dtype, new tokens, group size); rows are keyed (framework, *workload).
+    workloads = [(dtype, tokens, group) for dtype in args.dtypes for tokens in args.new_tokens
+                 for group in args.groups]
+    for dtype, tokens, group in workloads:
+        for fw in args.frameworks:  # alternating, so drift hits both alike
+            if "bf16w" in fw and dtype != "bf16":
+                continue
+            if fw == "trl" and args.trl_max_tokens and tokens > args.trl_max_tokens:
+                print(f"trl {dtype} {tokens} tok g{group}: not run (--trl-max-tokens "
+                      f"{args.trl_max_tokens})", flush=True)
+                continue
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
+                                   *(["--smoke"] if args.smoke else []),
+                                   "--worker", fw, dtype, str(tokens), str(group)], env=env,
+                                  cwd=ROOT, capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            key = (fw, dtype, tokens, group)
+            if proc.returncode or not line:
+                print(f"{fw} {dtype} {tokens} g{group}: failed\n{proc.stderr[-3000:]}", flush=True)
+                failed = True
+                continue
+            rows[key] = summarise(json.loads(line[0][7:]), dtype, peak, params)
+            print(f"{fw:19s} {dtype} {tokens:3d} tok g{group}: {rows[key]} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    print_tables(rows, workloads, args.frameworks)
+    return 1 if failed or not rows else 0
 
+
+def print_tables(rows: dict, workloads: list, frameworks: list[str]) -> None:
+    """Where each run's step goes, VinePPO's value estimation, and each nanovppo setting
+    against TRL on the same workload."""
+    name = lambda dtype, tokens, group: f"{dtype} {tokens} tok g{group}"  # noqa: E731
     cols = ["step", "generation", "experience", "forward", "backward", "optimizer", "weight_sync"]
     print("\n| run | step s | gen s | experience s | fwd s | bwd s | opt s | sync s | peak RSS GB | gen tok/s"
           " | matmul GFLOP/s | fwd % peak | bwd % peak | update % peak | samples with gradient |")
     print("|---" * 15 + "|")
-    for (fw, dtype, tokens), r in rows.items():
-        print(f"| {fw} {dtype} {tokens} | " + " | ".join(f"{r[c]:.2f}" for c in cols)
+    for (fw, *w), r in rows.items():
+        print(f"| {fw} {name(*w)} | " + " | ".join(f"{r[c]:.2f}" for c in cols)
               + f" | {r['peak_rss_gb']:.2f} | {r['tok_s']:.0f} | {r['limit_gflops']:.0f}"
               f" | {100 * r['fwd_share']:.0f}% | {100 * r['bwd_share']:.0f}%"
               f" | {100 * r['update_share']:.0f}% | {100 * r['gradient_share']:.0f}% |")
-    for (fw, dtype, tokens), r in rows.items():
+    for (fw, *w), r in rows.items():
         if r["states"]:
-            grpo = rows.get((fw.removesuffix("-vppo"), dtype, tokens))
-            print(f"\n{fw} {dtype} {tokens}: {r['states']:.0f} states x K continuations = "
+            grpo = rows.get((fw.removesuffix("-vppo"), *w))
+            print(f"\n{fw} {name(*w)}: {r['states']:.0f} states x K continuations = "
                   f"{r['continuations']:.0f}, value estimation {r['experience']:.2f} s a step"
                   + (f", step {r['step'] / grpo['step']:.2f}x {fw.removesuffix('-vppo')}'s"
                      if grpo else ""))
@@ -359,17 +383,15 @@ def main() -> int:
           " | peak RSS |")
     print("|---|---|---|---|---|---|")
     upd = lambda r: r["forward"] + r["backward"] + r["optimizer"]  # noqa: E731
-    for dtype in args.dtypes:
-        for tokens in args.new_tokens:
-            b = rows.get(("trl", dtype, tokens))
-            for fw in args.frameworks:
-                a = rows.get((fw, dtype, tokens))
-                if fw == "trl" or not (a and b):
-                    continue
-                print(f"| {dtype} {tokens} tok | {fw} | {a['step'] / b['step']:.2f}x | "
-                      f"{a['generation'] / b['generation']:.2f}x | {upd(a) / upd(b):.2f}x | "
-                      f"{a['peak_rss_gb'] / b['peak_rss_gb']:.2f}x |")
-    return 1 if failed or not rows else 0
+    for w in workloads:
+        b = rows.get(("trl", *w))
+        for fw in frameworks:
+            a = rows.get((fw, *w))
+            if fw == "trl" or not (a and b):
+                continue
+            print(f"| {name(*w)} | {fw} | {a['step'] / b['step']:.2f}x | "
+                  f"{a['generation'] / b['generation']:.2f}x | {upd(a) / upd(b):.2f}x | "
+                  f"{a['peak_rss_gb'] / b['peak_rss_gb']:.2f}x |")
 
 
 if __name__ == "__main__":
