@@ -4,7 +4,9 @@ optimizer, a resumed run's state, the rollout source and the weight-sync check."
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +60,11 @@ class Run:
     start_metrics: dict            # a new run: the warm start's figures
 
 
-def build_run(cfg: DictConfig, run_dir, launch: Launch, d: dd.Dist) -> Run:
-    """Everything a run needs (see the module's docstring for the order)."""
+def build_run(cfg: DictConfig, run_dir, launch: Launch, d: dd.Dist,
+              stop: threading.Event) -> Run:
+    """Everything a run needs (see the module's docstring for the order). ``stop``, when
+    set, ends the warm start after its current step (the run is then KILLED, with no
+    checkpoint)."""
     cfg, run_dir, state, policy_cfg = prepare_run(cfg, run_dir, launch, d)
     check_config(cfg)  # every run-level value, before anything loads (nanovppo/schema.py)
     if cfg.hardware.threads:
@@ -79,34 +84,48 @@ def build_run(cfg: DictConfig, run_dir, launch: Launch, d: dd.Dist) -> Run:
     policy, tokenizer = load_policy(cfg, policy_cfg, run_dir, resuming, device)
     start_metrics = _drop_long_prompts(cfg, task, tokenizer, policy, d)
     tracker = make_tracker(cfg, run_dir, state, task, launch) if d.main else None
-    wrap = lambda p: dd.wrap(logprob_module(p, bool(cfg.trainer.fast), not d.on),  # noqa: E731
-                             str(cfg.hardware.strategy), d, device)
-    model = None
-    if not resuming and cfg.warm_start.steps > 0:
-        if sharded(cfg, d) and cfg.inference_backend.name == "hf":
-            raise ConfigError("warm_start.steps > 0 under FSDP2 needs the vllm or sglang "
-                              "engine (the hf engine copies the policy before it is sharded)"
-                              "; or use hardware.strategy=ddp")
-        model = wrap(policy)
-        start_metrics.update(warm_start(cfg, task, tokenizer, model, tracker, d))
-        if cfg.model.lora:  # RL starts from the warm-started weights, with fresh adapters
-            policy, model = lora_mod.add_adapters(policy.merge_and_unload(), cfg.model.lora), None
-    ref = _reference(cfg, algo, policy, run_dir, resuming, device)
-    engine = _engine(cfg, policy, tokenizer, d)
-    model = model or wrap(policy)
-    optimizer, scheduler, ema = _optimizer(cfg, algo, model, policy)
-    start_step = 0
-    if resuming:
-        start_step = _restore(state, run_dir, cfg, model, optimizer, scheduler, engine, ema, d)
-    sampling = Sampling(n=algo.group_size, temperature=cfg.rollout.temperature,
-                        top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
-                        stop=task.stop)
-    source = RolloutSource(task, tokenizer, engine, sampling,
-                           more_examples=refill_stream(task.train_examples, cfg.seed, d.rank))
-    sync = _sync_check(cfg, task, tokenizer, model, engine, start_step, d)
-    return Run(cfg, run_dir, d, task, algo, policy, tokenizer, model, ref, engine, source,
-               optimizer, scheduler, resolve_correction(cfg.rollout.correction, engine),
-               sync, ema, tracker, start_step, start_metrics)
+    with _ends_run_on_error(tracker):  # a run that stops here is not left RUNNING
+        wrap = lambda p: dd.wrap(logprob_module(p, bool(cfg.trainer.fast), not d.on),  # noqa: E731
+                                 str(cfg.hardware.strategy), d, device)
+        model = None
+        if not resuming and cfg.warm_start.steps > 0:
+            if sharded(cfg, d) and cfg.inference_backend.name == "hf":
+                raise ConfigError("warm_start.steps > 0 under FSDP2 needs the vllm or sglang "
+                                  "engine (the hf engine copies the policy before it is sharded)"
+                                  "; or use hardware.strategy=ddp")
+            model = wrap(policy)
+            start_metrics.update(warm_start(cfg, task, tokenizer, model, tracker, d, stop))
+            if cfg.model.lora:  # RL starts from the warm-started weights, with fresh adapters
+                policy = lora_mod.add_adapters(policy.merge_and_unload(), cfg.model.lora)
+                model = None
+        ref = _reference(cfg, algo, policy, run_dir, resuming, device)
+        engine = _engine(cfg, policy, tokenizer, d)
+        model = model or wrap(policy)
+        optimizer, scheduler, ema = _optimizer(cfg, algo, model, policy)
+        start_step = 0
+        if resuming:
+            start_step = _restore(state, run_dir, cfg, model, optimizer, scheduler, engine, ema, d)
+        sampling = Sampling(n=algo.group_size, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
+                            stop=task.stop)
+        source = RolloutSource(task, tokenizer, engine, sampling,
+                               more_examples=refill_stream(task.train_examples, cfg.seed, d.rank))
+        sync = _sync_check(cfg, task, tokenizer, model, engine, start_step, d)
+        return Run(cfg, run_dir, d, task, algo, policy, tokenizer, model, ref, engine, source,
+                   optimizer, scheduler, resolve_correction(cfg.rollout.correction, engine),
+                   sync, ema, tracker, start_step, start_metrics)
+
+
+@contextlib.contextmanager
+def _ends_run_on_error(tracker: Tracker | None):
+    """A run that stops before its loop (bad input found late, a signal during the warm
+    start) ends its MLflow run as FAILED or KILLED instead of leaving it RUNNING."""
+    try:
+        yield
+    except BaseException as e:
+        if tracker is not None:
+            tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
 
 
 def sharded(cfg, d: dd.Dist) -> bool:

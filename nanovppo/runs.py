@@ -65,7 +65,8 @@ def prepare_run(cfg: DictConfig, run_dir, launch: Launch, d: dd.Dist = dd.Dist()
             raise ConfigError(f"resume={run_dir}: " + (
                 f"all {len(found)} checkpoints under {run_dir}/checkpoints are damaged "
                 "(see the warnings above)" if found else
-                f"no checkpoint under {run_dir}/checkpoints"))
+                f"no checkpoint under {run_dir}/checkpoints (a run stopped before its RL "
+                "start, e.g. during the warm start, saved none: start it again)"))
         if latest != ckpt.latest_checkpoint(run_dir) and d.main:
             log.warning("resuming from %s, the newest whole checkpoint", latest.name)
         saved = OmegaConf.load(latest / "config.yaml")

@@ -53,8 +53,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, launch: Launch | N
     d = dd.init(str(cfg.hardware.device))
     memory.keep_freed_memory(bool(cfg.trainer.fast))  # nanovppo/memory.py: no page faults
     try:
-        run = build_run(cfg, run_dir, launch or Launch(), d)
-        return loop(run, stop or threading.Event())
+        stop = stop or threading.Event()
+        return loop(build_run(cfg, run_dir, launch or Launch(), d, stop), stop)
     finally:
         dd.shutdown()
 
@@ -63,13 +63,14 @@ def loop(run: Run, stop: threading.Event) -> dict:
     """The RL start (a new run: evaluated and saved as step 0), then the steps, each
     followed by its evaluation and checkpoint when they are due."""
     cfg, d, tracker = run.cfg, run.d, run.tracker
-    if run.start_step == 0:
-        rl_start(run)
-    last_ckpt, status = ckpt.latest_checkpoint(run.run_dir), "FAILED"
-    # Steps done, their ETA, and the latest reward and accuracy; the step lines go above it.
-    run_bar = bar(cfg.trainer.progress and d.main, total=cfg.trainer.max_steps,
-                  initial=run.start_step, desc="RL", unit="step")
+    last_ckpt, status, run_bar = None, "FAILED", None
     try:
+        if run.start_step == 0:
+            rl_start(run)
+        last_ckpt = ckpt.latest_checkpoint(run.run_dir)
+        # Steps done, their ETA, the latest reward and accuracy; the step lines go above it.
+        run_bar = bar(cfg.trainer.progress and d.main, total=cfg.trainer.max_steps,
+                      initial=run.start_step, desc="RL", unit="step")
         with logging_redirect_tqdm(loggers=[log]) if not run_bar.disable else contextlib.nullcontext():
             for step in range(run.start_step + 1, cfg.trainer.max_steps + 1):
                 last = step == cfg.trainer.max_steps
@@ -95,7 +96,8 @@ def loop(run: Run, stop: threading.Event) -> dict:
         status = "KILLED"
         raise
     finally:
-        run_bar.close()
+        if run_bar is not None:
+            run_bar.close()
         run.engine.close()
         summary = finish(tracker, cfg, run.run_dir, last_ckpt, status) if d.main else {
             "status": status, "run_dir": str(run.run_dir), "rank": d.rank}
@@ -148,7 +150,8 @@ def main(cfg: DictConfig) -> None:
     # The first SIGTERM (SLURM preemption, `kill`) or Ctrl-C ends the run after the current
     # step and a checkpoint (a signal in the middle of an MLflow write would leave its
     # SQLite store locked and the run marked RUNNING): the MLflow run is marked KILLED and
-    # `resume=` continues it. A second signal stops at once.
+    # `resume=` continues it. During the warm start it ends after the current warm-start
+    # step, with nothing saved. A second signal stops at once.
     stop = threading.Event()
 
     def request_stop(signum, frame):
@@ -165,6 +168,9 @@ def main(cfg: DictConfig) -> None:
         # Bad input (config, model path, dataset): say what is wrong, not where it broke.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # the stop asked for above: where it stopped, no traceback
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

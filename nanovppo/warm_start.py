@@ -17,6 +17,7 @@ before the evaluation of the RL start (step 0) and RL's steps 1 .. N on the same
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from nanovppo import distributed as dd
@@ -52,12 +53,17 @@ def _sft() -> RFT:
                num_minibatches=1, mask_truncated=False)
 
 
-def warm_start(cfg, task, tokenizer, model, tracker, d: dd.Dist) -> dict:
+def warm_start(cfg, task, tokenizer, model, tracker, d: dd.Dist, stop: threading.Event) -> dict:
     """Run ``cfg.warm_start.steps`` supervised steps on the policy (``model`` is its
     ``GroupLogprobs`` wrapper, possibly DDP-wrapped) and return the stage's metrics. It runs
-    before the rollout engine is built, so the engine starts from the warm-started weights."""
+    before the rollout engine is built, so the engine starts from the warm-started weights.
+    When ``stop`` is set (a signal) it ends after the current step: nothing is saved before
+    the RL start, so the run is stopped, not resumable."""
     ws = cfg.warm_start
     pairs = demonstrations(task, ws.demonstrations)
+    if d.main:
+        log.info("warm start: %d supervised steps of %d demonstrations, drawn from %d "
+                 "problems' own", ws.steps, ws.batch_size, len(pairs))
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=ws.lr, betas=tuple(cfg.trainer.adam_betas),
                       weight_decay=cfg.trainer.weight_decay, seed=cfg.seed + 1,
                       kind=cfg.trainer.optimizer)
@@ -86,10 +92,13 @@ def warm_start(cfg, task, tokenizer, model, tracker, d: dd.Dist) -> dict:
             tracker.log_metrics({"warm_start/loss": m["train/loss"], "warm_start/lr": lr,
                                  "warm_start/grad_norm": m["train/grad_norm"]},
                                 step - ws.steps - 1)
+        if dd.all_reduce_max([float(stop.is_set())], d)[0] > 0:  # all ranks agree
+            raise KeyboardInterrupt(f"stopped during the warm start, after its step {step} of "
+                                    f"{ws.steps}; a run saves nothing before its RL start: "
+                                    "start it again")
     steps.close()
     seconds = time.perf_counter() - t0
     if d.main:
-        log.info("warm start: %d steps of %d demonstrations (of %d problems' own) in %.0f s, "
-                 "loss %.3f -> %.3f", ws.steps, ws.batch_size, len(pairs), seconds, losses[0],
+        log.info("warm start: done in %.0f s, loss %.3f -> %.3f", seconds, losses[0],
                  losses[-1])
     return {"warm_start/seconds": seconds, "warm_start/final_loss": losses[-1]}

@@ -293,6 +293,9 @@ def test_sigterm_marks_the_run_killed_and_it_resumes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     log_file.close()
+    text = (tmp_path / "train.log").read_text()
+    assert proc.returncode == 130 and "stopped: stopped after step" in text, text[-2000:]
+    assert "Traceback" not in text
     c, runs = only_run(tmp_path)
     assert runs[0].info.status == "KILLED"
     run_dir = runs[0].data.tags["nanovppo.run_dir"]
@@ -302,6 +305,44 @@ def test_sigterm_marks_the_run_killed_and_it_resumes(tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = [m.step for m in c.get_metric_history(runs[0].info.run_id, "train/reward_mean")]
     assert sorted(steps) == list(range(1, last + 2)), "every step once, none lost"
+
+
+def test_a_signal_during_the_warm_start_stops_it_and_marks_the_run_killed(tmp_path):
+    """A SIGTERM during a long warm start ends it after the current step, not after the
+    whole stage and the first RL step: the MLflow run is KILLED (not left RUNNING) with
+    fewer warm-start steps than asked, no checkpoint, and resume= says why it cannot go on."""
+    import signal
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    steps = 100_000  # hours of warm start: only the signal can end it within the test
+    cmd = [sys.executable, "-m", "nanovppo.train", *TINY, f"paths.outputs={tmp_path}",
+           f"warm_start.steps={steps}", "warm_start.batch_size=2"]
+    log = tmp_path / "train.log"
+    with open(log, "w") as log_file:  # not a pipe: nobody would drain it
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log_file,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and "supervised steps" not in log.read_text():
+                time.sleep(0.2)
+            time.sleep(1.0)  # some steps done
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()  # only if it outlived the wait
+    assert proc.returncode == 130
+    assert "stopped: stopped during the warm start" in log.read_text()
+    assert "Traceback" not in log.read_text()
+    c, runs = only_run(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "KILLED"
+    done = c.get_metric_history(runs[0].info.run_id, "warm_start/loss")
+    assert 0 < len(done) < steps
+    run_dir = runs[0].data.tags["nanovppo.run_dir"]
+    assert not list(Path(run_dir).glob("checkpoints/step_*"))
+    proc = run_cli(tmp_path, f"resume={run_dir}", check=False)
+    assert proc.returncode == 2 and "saved none" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_a_control_run_spends_its_time_on_the_warm_start_and_is_tagged_control(tmp_path):
