@@ -1,9 +1,9 @@
 """Every speed, memory and distributed switch of the step, in one place.
 
-``trainer.fast`` (default true) turns the speed work on; ``trainer.fast=false`` is the plain
-path, the one to read first (tests/test_update_reference.py checks that both give the same
-update as a naive loop). ``step.py`` and ``update.py`` ask this module what to do and never
-read the switch themselves:
+``trainer.fast`` (conf/config.yaml) turns the speed work on; ``trainer.fast=false`` is the
+plain path, the one to read first (tests/test_update_reference.py checks that both give the
+same update as a naive loop). ``step.py`` and ``update.py`` ask this module what to do and
+never read the switch themselves:
 
 =========================  =========================================  ======================
 question                   fast                                       plain
@@ -17,8 +17,9 @@ question                   fast                                       plain
 ``trains``                 only rows that carry a gradient            every row
 ``minibatch``              one autocast region a minibatch: the       one a micro-batch
                            weights' bf16 casts made once
-``phase``                  freed memory kept for reuse (returned      glibc's default
-                           after each micro-batch: low_memory)
+``phase``                  freed pages reused within the phase and    glibc's default
+                           handed back at its end (low_memory: after
+                           each micro-batch)
 =========================  =========================================  ======================
 
 ``grad_sync`` is the distributed switch: only a minibatch's last backward pass reduces
