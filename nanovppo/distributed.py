@@ -137,6 +137,12 @@ def all_reduce_max(values: list[float], d: Dist) -> list[float]:
     return t.tolist()
 
 
+def any_rank(flag: bool, d: Dist) -> bool:
+    """Whether ``flag`` holds on any rank: every rank gets the same answer (a stop asked
+    for on one rank, work that one rank has), so they all take the same branch."""
+    return all_reduce_max([float(flag)], d)[0] > 0
+
+
 def reduce_metrics(metrics: dict, d: Dist) -> dict:
     """One value per metric for the whole job: the mean over ranks; timings take the
     slowest rank and throughput the sum. Every rank must pass the same keys."""

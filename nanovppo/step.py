@@ -38,7 +38,7 @@ def train_step(run, step: int) -> tuple[dict, dict]:
 
     t0 = time.perf_counter()
     job_wide = {}  # update's metrics, reduced over ranks already
-    trains = dd.all_reduce_sum([float(len(samples))], d)[0] > 0  # any rank has samples
+    trains = dd.any_rank(len(samples) > 0, d)
     if trains:
         engine.sleep()
         job_wide = update(run.model, run.ref, run.algo, samples, cfg, run.optimizer,

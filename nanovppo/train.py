@@ -78,7 +78,7 @@ def loop(run: Run, stop: threading.Event) -> dict:
                 run.scheduler.step()
                 if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 or last:
                     metrics.update(evaluate_policy(run, pass_k=cfg.trainer.eval_pass_k if last else 0))
-                stopping = dd.all_reduce_max([float(stop.is_set())], d)[0] > 0  # all ranks agree
+                stopping = dd.any_rank(stop.is_set(), d)
                 every, model_id = cfg.trainer.checkpoint_every, None
                 if (every and step % every == 0) or last or stopping:
                     last_ckpt, model_id = checkpoint(run, step)

@@ -92,7 +92,7 @@ def warm_start(cfg, task, tokenizer, model, tracker, d: dd.Dist, stop: threading
             tracker.log_metrics({"warm_start/loss": m["train/loss"], "warm_start/lr": lr,
                                  "warm_start/grad_norm": m["train/grad_norm"]},
                                 step - ws.steps - 1)
-        if dd.all_reduce_max([float(stop.is_set())], d)[0] > 0:  # all ranks agree
+        if dd.any_rank(stop.is_set(), d):
             raise KeyboardInterrupt(f"stopped during the warm start, after its step {step} of "
                                     f"{ws.steps}; a run saves nothing before its RL start: "
                                     "start it again")
