@@ -13,8 +13,8 @@ or the token limit), one optimizer step per rollout batch in micro-batches of 8,
 reference model (KL 0), lr 2e-5, AdamW. bf16 means bf16 autocast over fp32 weights in both
 (TRL: ``bf16=True, use_cpu=True``; nanovppo's default setting); fp32 means fp32 throughout.
 The reward is the same function on both sides, ``bench/bench_tasks.py``: the completion's
-length (at most 200 characters, scaled to 1). It varies within every group, so every
-sample carries a gradient on both sides (with the task's own reward an untrained model
+length in characters over 8 x the token limit (it does not saturate as the limit grows).
+It varies within every group, so every sample carries a gradient on both sides (with the task's own reward an untrained model
 scores 0 everywhere, every advantage is 0, and nanovppo skips work TRL does); the share of
 samples with a non-zero advantage is printed for each. nanovppo is driven through its
 configuration only (the bench task is loaded like a user's own task).
@@ -57,6 +57,11 @@ sys.path.insert(0, str(ROOT))
 PROMPTS, MICRO, LR = 8, 8, 2e-5
 # The reward both frameworks optimise (see the module's docstring).
 BENCH_TASK = "bench.bench_tasks.LengthRewardCountdown"
+
+
+def bench_task(new_tokens: int) -> list[str]:
+    """The overrides that load the bench's task for a token limit."""
+    return [f"task._target_={BENCH_TASK}", f"+task.max_new_tokens={new_tokens}"]
 
 # nanovppo's settings compared (each a list of Hydra overrides). "nanovppo" is the
 # default configuration; "-bf16w" keeps weights, gradients and AdamW moments in bf16
@@ -135,7 +140,7 @@ def run_nanovppo(dtype: str, new_tokens: int, group: int, steps: int, variant: s
 
     tmp = tempfile.mkdtemp(prefix="nanovppo-bench-")
     compute = "bfloat16" if dtype == "bf16" else "float32"
-    cfg = compose_cfg([*VARIANTS[variant], *model, f"task._target_={BENCH_TASK}",
+    cfg = compose_cfg([*VARIANTS[variant], *model, *bench_task(new_tokens),
                        f"trainer.max_steps={steps}", f"rollout.max_new_tokens={new_tokens}",
                        f"trainer.prompts_per_step={PROMPTS}", f"algo.group_size={group}",
                        f"trainer.micro_batch_size={MICRO}", f"algo.lr={LR}",
@@ -175,7 +180,7 @@ def run_trl(dtype: str, new_tokens: int, group: int, steps: int, model: list[str
     from tests.conftest import compose_cfg
     from hydra.utils import instantiate
 
-    cfg = compose_cfg([*model, f"task._target_={BENCH_TASK}", "task.n_train=2000"])
+    cfg = compose_cfg([*model, *bench_task(new_tokens), "task.n_train=2000"])
     task = instantiate(cfg.task)
     model, tok = load_model(cfg.model, dtype="float32")
     rows = [{"prompt": tok.decode(render_prompt(task, tok, ex)), "example": json.dumps(ex)}

@@ -79,7 +79,7 @@ class VLLMEngine:
     _warned_top_p = False
 
     def __init__(self, model, tokenizer, seed: int, *, name: str, dtype: str,
-                 max_model_len: int, gpu_memory_utilization: float, cpu_kv_cache_gib: int,
+                 max_model_len: int, gpu_memory_utilization: float, cpu_kv_cache_gib: float,
                  enable_prefix_caching: bool, enable_sleep_mode: bool, sleep_level: int,
                  tensor_parallel_size: int, max_num_seqs: int, enforce_eager: bool,
                  block_size: int | None):
@@ -113,7 +113,9 @@ class VLLMEngine:
                                   f"{cfg.num_attention_heads} heads): use inference_backend=hf "
                                   "or fewer, wider heads")
             _keep_cpu_weights()
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+            # vLLM allocates (and touches) all of it at the start: it is resident memory.
+            # Its own VLLM_CPU_KVCACHE_SPACE (whole GiB), when set, still wins.
+            kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2 ** 30)
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if block_size is None and self.on_cpu:
