@@ -138,35 +138,36 @@ def run_nanovppo(dtype: str, new_tokens: int, group: int, steps: int, variant: s
     from nanovppo.train import train
     from tests.conftest import compose_cfg
 
-    tmp = tempfile.mkdtemp(prefix="nanovppo-bench-")
-    compute = "bfloat16" if dtype == "bf16" else "float32"
-    cfg = compose_cfg([*VARIANTS[variant], *model, *bench_task(new_tokens),
-                       f"trainer.max_steps={steps}", f"rollout.max_new_tokens={new_tokens}",
-                       f"trainer.prompts_per_step={PROMPTS}", f"algo.group_size={group}",
-                       f"trainer.micro_batch_size={MICRO}", f"algo.lr={LR}",
-                       "warm_start.steps=0", "trainer.eval_every=0", "trainer.eval_examples=0",
-                       "trainer.eval_pass_k=0", "trainer.checkpoint_every=0",
-                       "trainer.samples_every=0", "trainer.progress=false",
-                       f"hardware.compute_dtype={compute}", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-                       f"paths.outputs={tmp}"])
-    # The checkpoints of step 0 and of the last step are saved outside the steps' timings.
-    summary = train(cfg, run_dir=Path(tmp) / "run")
-    c = MlflowClient(summary["tracking_uri"])
-    hist = lambda k: [m.value for m in sorted(c.get_metric_history(summary["mlflow_run_id"], k),  # noqa: E731
-                                              key=lambda m: m.step)]
-    per_step = {
-        "step": hist("perf/step_s"), "generation": hist("perf/rollout_s"),
-        "forward": hist("perf/update_forward_s"), "backward": hist("perf/update_backward_s"),
-        "optimizer": hist("perf/update_optimizer_s"), "weight_sync": hist("perf/weight_sync_s"),
-        "experience": hist("perf/experience_s"),
-        # VinePPO: the states valued and the continuations sampled for their values
-        "states": hist("train/states_valued"), "continuations": hist("train/continuations"),
-        # generated tokens, and the tokens the update's forwards ran (each prompt once)
-        "gen_tokens": [n * PROMPTS * group for n in hist("train/response_length")],
-        "update_tokens": hist("perf/update_tokens"),
-        "head_tokens": hist("perf/update_head_tokens"),
-        # samples whose advantage is not 0 on every token (the others are skipped)
-        "gradient_share": [1 - x for x in hist("train/skipped_samples_frac")]}
+    # The run folder (its MLflow store and two checkpoints of ~1.6 GB) goes when it is read.
+    with tempfile.TemporaryDirectory(prefix="nanovppo-bench-", ignore_cleanup_errors=True) as tmp:
+        compute = "bfloat16" if dtype == "bf16" else "float32"
+        cfg = compose_cfg([*VARIANTS[variant], *model, *bench_task(new_tokens),
+                           f"trainer.max_steps={steps}", f"rollout.max_new_tokens={new_tokens}",
+                           f"trainer.prompts_per_step={PROMPTS}", f"algo.group_size={group}",
+                           f"trainer.micro_batch_size={MICRO}", f"algo.lr={LR}",
+                           "warm_start.steps=0", "trainer.eval_every=0", "trainer.eval_examples=0",
+                           "trainer.eval_pass_k=0", "trainer.checkpoint_every=0",
+                           "trainer.samples_every=0", "trainer.progress=false",
+                           f"hardware.compute_dtype={compute}", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                           f"paths.outputs={tmp}"])
+        # The checkpoints of step 0 and of the last step are saved outside the steps' timings.
+        summary = train(cfg, run_dir=Path(tmp) / "run")
+        c = MlflowClient(summary["tracking_uri"])
+        hist = lambda k: [m.value for m in sorted(c.get_metric_history(summary["mlflow_run_id"], k),  # noqa: E731
+                                                  key=lambda m: m.step)]
+        per_step = {
+            "step": hist("perf/step_s"), "generation": hist("perf/rollout_s"),
+            "forward": hist("perf/update_forward_s"), "backward": hist("perf/update_backward_s"),
+            "optimizer": hist("perf/update_optimizer_s"), "weight_sync": hist("perf/weight_sync_s"),
+            "experience": hist("perf/experience_s"),
+            # VinePPO: the states valued and the continuations sampled for their values
+            "states": hist("train/states_valued"), "continuations": hist("train/continuations"),
+            # generated tokens, and the tokens the update's forwards ran (each prompt once)
+            "gen_tokens": [n * PROMPTS * group for n in hist("train/response_length")],
+            "update_tokens": hist("perf/update_tokens"),
+            "head_tokens": hist("perf/update_head_tokens"),
+            # samples whose advantage is not 0 on every token (the others are skipped)
+            "gradient_share": [1 - x for x in hist("train/skipped_samples_frac")]}
     return {"steps": per_step, "peak_rss_gb": peak_rss_gb()}
 
 
@@ -210,7 +211,8 @@ def run_trl(dtype: str, new_tokens: int, group: int, steps: int, model: list[str
             for k in timing:
                 timing[k].append(cur[k])
 
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), use_cpu=True,
+    out = tempfile.TemporaryDirectory(prefix="trl-bench-", ignore_cleanup_errors=True)  # removed when the worker exits
+    args = GRPOConfig(output_dir=out.name, use_cpu=True,
                       bf16=(dtype == "bf16"), fp16=False, per_device_train_batch_size=MICRO,
                       gradient_accumulation_steps=PROMPTS * group // MICRO,
                       num_generations=group, max_completion_length=new_tokens,
