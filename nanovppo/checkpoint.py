@@ -25,10 +25,31 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from nanovppo.errors import NanovppoError
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
 
 log = logging.getLogger("nanovppo")
+
+
+class CheckpointWriteError(NanovppoError):
+    """A checkpoint could not be written (a full disk, a quota): the run stops with this
+    message, its earlier checkpoints intact."""
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """What an exception says about a failed write, or None if it is not one: an OSError
+    itself, or the error torch.save or safetensors raise around it (their message holds
+    the OS's: "No space left on device (os error 28)", "file write failed")."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    text = str(e)
+    for sign in ("os error", "No space left", "File too large", "file write failed",
+                 "Disk quota"):
+        if sign in text:
+            return text.splitlines()[0]
+    return None
 
 
 def rng_state() -> dict:
@@ -51,17 +72,29 @@ def save_checkpoint(run_dir: str | Path, step: int, cfg, model, tokenizer, optim
     tmp = root / f".tmp_step_{step:06d}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    (tmp / "model").mkdir(parents=True)
-    model.save_pretrained(tmp / "model", state_dict=model_state)
-    tokenizer.save_pretrained(tmp / "model")
-    torch.save({"step": step, "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(), **extra},
-               tmp / "state.pt")
-    OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
-    sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
-             if p.is_file()}
-    (tmp / MANIFEST).write_text(json.dumps(sizes, indent=1))
-    _fsync_tree(tmp)
+    try:
+        (tmp / "model").mkdir(parents=True)
+        model.save_pretrained(tmp / "model", state_dict=model_state)
+        tokenizer.save_pretrained(tmp / "model")
+        torch.save({"step": step, "optimizer": optimizer_state,
+                    "scheduler": scheduler.state_dict(), **extra},
+                   tmp / "state.pt")
+        OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
+        sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
+                 if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(sizes, indent=1))
+        _fsync_tree(tmp)
+    except Exception as e:  # a full disk, a quota, a file-size limit
+        # torch.save and safetensors report a failed write as RuntimeError or their own
+        # error around the OSError; either way nothing partial stays behind.
+        if not _write_failure(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(
+            f"could not write checkpoint step {step} to {root} ({_write_failure(e)}); the "
+            f"checkpoints before it are intact: free space (or lower "
+            f"trainer.keep_checkpoints), then continue the run with resume={Path(run_dir)}"
+        ) from None
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -142,17 +142,23 @@ def save_checkpoint(run_dir, step, cfg, model, policy, tokenizer, optimizer, sch
     elif ema is not None:
         extra["ema"] = ema.state_dict()
     ranks = dd.gather_objects(mine, d)
-    path = model_id = None
+    path = model_id = failed = None
     if d.main:
         if model_state is not None:  # keys of the log-prob module around the policy: drop "model."
             model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
-        path = ckpt.save_checkpoint(
-            run_dir, step, cfg, policy, tokenizer, optim_state, scheduler,
-            {"mlflow_run_id": tracker.run_id, "ranks": ranks, "world_size": d.world, **extra},
-            keep=cfg.trainer.keep_checkpoints, model_state=model_state)
-        if cfg.tracking.log_models:
+        try:
+            path = ckpt.save_checkpoint(
+                run_dir, step, cfg, policy, tokenizer, optim_state, scheduler,
+                {"mlflow_run_id": tracker.run_id, "ranks": ranks, "world_size": d.world, **extra},
+                keep=cfg.trainer.keep_checkpoints, model_state=model_state)
+        except ckpt.CheckpointWriteError as e:  # a full disk: every rank stops, none waits
+            failed = e
+        if cfg.tracking.log_models and not failed:
             model_id = tracker.log_checkpoint(step, path, {"algo": cfg.algo.name,
                                                            "model": cfg.model.name})
+    if dd.any_rank(failed is not None, d):
+        raise failed or ckpt.CheckpointWriteError(
+            f"rank 0 could not write checkpoint step {step} (its error says why)")
     dd.barrier(d)
     return path, model_id
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +15,20 @@ from tests.conftest import TINY
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_cli(tmp_path, *args, check=True, base=TINY):
+def run_cli(tmp_path, *args, check=True, base=TINY, file_size_limit=None):
+    """The CLI in a subprocess; ``file_size_limit`` (bytes): no file it writes may grow
+    beyond it (RLIMIT_FSIZE: a write past it fails with EFBIG, as one on a full disk does
+    with ENOSPC)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     flags = [a for a in args if a.startswith("-")]  # Hydra wants flags before overrides
     overrides = [a for a in args if not a.startswith("-")]
     cmd = [sys.executable, "-m", "nanovppo.train", *flags, *base, f"paths.outputs={tmp_path}",
            *overrides]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    limit = None if file_size_limit is None else (
+        lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit)))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                          preexec_fn=limit)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -115,6 +122,34 @@ def test_all_checkpoints_damaged_is_a_clear_error(tmp_path):
     assert proc.returncode == 2
     assert "checkpoints under" in proc.stderr and "are damaged" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_the_run_resumes(tmp_path):
+    """Steps 1-2 with checkpoints at 0 and 2, then a resume to step 4 under a file-size
+    limit of 8 MB: the tiny model's weights file (~13 MB) cannot be written, as on a full
+    disk. The run stops with one line naming the checkpoint and the remedy, exit 2, no
+    traceback, no half-written folder, the MLflow run FAILED; resumed without the limit it
+    continues from step 2 into the same run and logs steps 3-4 once each."""
+    run_cli(tmp_path, "trainer.max_steps=2", "trainer.checkpoint_every=2")
+    c, runs = only_run(tmp_path)
+    run_dir = Path(runs[0].data.tags["nanovppo.run_dir"])
+    weights = run_dir / "checkpoints" / "step_000002" / "model" / "model.safetensors"
+    assert weights.stat().st_size > 8 * 2 ** 20  # else the limit below would not bite
+    proc = run_cli(tmp_path, f"resume={run_dir}", "trainer.max_steps=4",
+                   "trainer.checkpoint_every=2", check=False, file_size_limit=8 * 2 ** 20)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: could not write checkpoint step 4" in proc.stderr, proc.stderr[-3000:]
+    assert "File too large" in proc.stderr and f"resume={run_dir}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step_000000", "step_000002"]
+    c, runs = only_run(tmp_path)
+    assert runs[0].info.status == "FAILED"
+    run_cli(tmp_path, f"resume={run_dir}", "trainer.max_steps=4", "trainer.checkpoint_every=2")
+    c, runs = only_run(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "train/reward_mean"))
+    assert steps == [1, 2, 3, 4]
 
 
 def test_bf16_weights_with_checkpointed_layers_train_and_resume(tmp_path, monkeypatch):
