@@ -81,6 +81,9 @@ VARIANTS = {
     # make train's recipe (conf/experiment/countdown_cpu.yaml: vllm engine, its dtypes),
     # on the bench's prompts and workload
     "nanovppo-default": ["experiment=countdown_cpu", "task=countdown"],
+    # the same with activation checkpointing (TRL's default), for long completions
+    "nanovppo-default-ckpt": ["experiment=countdown_cpu", "task=countdown",
+                              "hardware.gradient_checkpointing=true"],
     # the same with VinePPO, K = 4 continuations per state (its value estimation is the
     # step's experience phase: perf/experience_s)
     "nanovppo-default-vppo": ["experiment=countdown_cpu", "task=countdown", "algo=vppo",
