@@ -33,7 +33,9 @@ class LengthRewardCountdown(CountdownTask):
 
 
 def length_reward(completion: str, cap: int) -> float:
-    """>>> length_reward("ab", 200), length_reward("x" * 500, 200), length_reward("x" * 500, 768)
+    """The completion's length over ``cap`` characters, at most 1.
+
+    >>> length_reward("ab", 200), length_reward("x" * 500, 200), length_reward("x" * 500, 768)
     (0.01, 1.0, 0.6510416666666666)
     """
     return min(len(completion), cap) / cap

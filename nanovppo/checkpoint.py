@@ -87,11 +87,12 @@ def save_checkpoint(run_dir: str | Path, step: int, cfg, model, tokenizer, optim
     except Exception as e:  # a full disk, a quota, a file-size limit
         # torch.save and safetensors report a failed write as RuntimeError or their own
         # error around the OSError; either way nothing partial stays behind.
-        if not _write_failure(e):
+        reason = _write_failure(e)
+        if not reason:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(
-            f"could not write checkpoint step {step} to {root} ({_write_failure(e)}); the "
+            f"could not write checkpoint step {step} to {root} ({reason}); the "
             f"checkpoints before it are intact: free space (or lower "
             f"trainer.keep_checkpoints), then continue the run with resume={Path(run_dir)}"
         ) from None
