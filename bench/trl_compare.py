@@ -82,6 +82,9 @@ VARIANTS = {
     # make train's recipe (conf/experiment/countdown_cpu.yaml: vllm engine, its dtypes),
     # on the bench's prompts and workload
     "nanovppo-default": ["experiment=countdown_cpu", "task=countdown"],
+    # the same with fp32 master weights (the recipe's before it took bf16 weights)
+    "nanovppo-default-fp32w": ["experiment=countdown_cpu", "task=countdown",
+                               "hardware.param_dtype=float32"],
     # the same with activation checkpointing (TRL's default), for long completions
     "nanovppo-default-ckpt": ["experiment=countdown_cpu", "task=countdown",
                               "hardware.gradient_checkpointing=true"],
