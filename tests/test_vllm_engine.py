@@ -185,8 +185,6 @@ def test_the_sync_check_on_the_vllm_engine(tmp_path, monkeypatch, broken):
             run.data.metrics["sync/trainer_moved"] == 0
 
 
-
-
 # Starts an engine on the tiny model, samples once and prints torch's compile-cache counters.
 START_AND_COUNT = """
 import json
