@@ -1,6 +1,8 @@
-"""What trainer.ema and trainer.optimizer=adamw8bit cost on SmolLM2-135M, side by side in
-one process: the optimizer's state in bytes and the time of one optimizer step, for fp32
-AdamW and bitsandbytes' 8-bit AdamW, and the EMA's update against that step.
+"""What trainer.ema, trainer.optimizer=adamw8bit and bf16 weights cost on SmolLM2-135M, side
+by side in one process: the optimizer's state in bytes and the time of one optimizer step,
+for fp32 AdamW, bitsandbytes' 8-bit AdamW and the bf16 weights' stochastically rounded
+AdamW (hardware.param_dtype=bfloat16; its compiled step and the eager one it falls back
+to), and the EMA's update against that step.
 
     python bench/ema_8bit.py [--steps 5]
     python bench/ema_8bit.py --smoke       # the tiny random model, 1 step (the suite)
@@ -19,7 +21,7 @@ from omegaconf import OmegaConf
 from nanovppo.config import CONF_DIR
 from nanovppo.ema import EMA
 from nanovppo.models import load_model
-from nanovppo.optim import adamw
+from nanovppo.optim import StochasticAdamW, adamw
 
 
 def state_bytes(opt) -> int:
@@ -60,14 +62,24 @@ def main() -> None:
         step_s = median_seconds(opt.step, args.steps)
         rows[kind] = (state_bytes(opt), step_s)
         del opt
+    bf16 = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in params]
+    for p, q in zip(bf16, params):
+        p.grad = q.grad.to(torch.bfloat16)
+    for compiled in (True, False):
+        opt = StochasticAdamW(bf16, lr=1e-6, compiled=compiled)
+        step_s = median_seconds(opt.step, args.steps)
+        rows[f"adamw, bf16 weights, {'compiled' if compiled else 'eager'}"] = (
+            state_bytes(opt), step_s)
+        del opt
     ema = EMA(model, 0.99)
     ema_s = median_seconds(ema.update, args.steps)
     base_bytes, base_s = rows["adamw"]
-    print(f"{'':24} {'state MB':>9} {'x adamw':>8} {'step s':>7} {'x adamw':>8}")
+    print(f"{'':40} {'state MB':>9} {'x adamw':>8} {'step s':>7} {'x adamw':>8}")
     for kind, (b, s) in rows.items():
-        print(f"optimizer={kind:14} {b / 1e6:9.0f} {b / base_bytes:8.2f} {s:7.3f} {s / base_s:8.2f}")
+        print(f"{'optimizer=' + kind:40} {b / 1e6:9.0f} {b / base_bytes:8.2f} {s:7.3f} "
+              f"{s / base_s:8.2f}")
     ema_bytes = sum(t.numel() * t.element_size() for t in ema.average.values())
-    print(f"{'ema update':24} {ema_bytes / 1e6:9.0f} {ema_bytes / base_bytes:8.2f} "
+    print(f"{'ema update':40} {ema_bytes / 1e6:9.0f} {ema_bytes / base_bytes:8.2f} "
           f"{ema_s:7.3f} {ema_s / base_s:8.2f}")
 
 

@@ -19,6 +19,7 @@ a quarter of fp32 AdamW's optimizer memory.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterable
 
@@ -27,7 +28,9 @@ import torch
 from nanovppo.distributed import is_sharded, local_shard
 from nanovppo.errors import ConfigError
 
-CHUNK = 1 << 21  # elements computed in fp32 at a time (bounds the temporaries to ~40 MB)
+log = logging.getLogger("nanovppo")
+
+CHUNK = 1 << 21  # elements per eager step (see StochasticAdamW._update)
 
 
 def adamw(params: Iterable[torch.nn.Parameter], lr: float, betas=(0.9, 0.99),
@@ -70,30 +73,72 @@ def adamw_8bit(params: list[torch.nn.Parameter], lr: float, betas, weight_decay:
                           f"({e}); use trainer.optimizer=adamw") from e
 
 
-def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator,
-                      noise: torch.Tensor | None = None) -> None:
-    """Write fp32 ``src`` into bf16 ``dst``, rounding each value up or down at random so
-    that the result equals ``src`` in expectation. ``noise`` is an optional int32 buffer
-    of at least ``src.numel()`` elements to work in.
+_MASK32 = 0xFFFFFFFF
 
-    A bf16 value is the top 16 bits of an fp32 one. Adding a uniform random integer in
-    [0, 2^16) to the fp32 bit pattern and clearing the low 16 bits rounds the magnitude up
-    exactly when the noise exceeds the dropped bits' complement, i.e. with probability
-    (dropped bits) / 2^16. Infinities and NaNs keep their class.
-    """
-    n = src.numel()
-    bits = src.contiguous().view(-1).view(torch.int32)
-    if noise is None:
-        noise = torch.empty(n, dtype=torch.int32, device=src.device)
-    noise = noise.view(-1)[:n]
-    # Four 16-bit draws per 64-bit random number (drawing int64s over their whole range
-    # is ~3x cheaper per bit than drawing int32s).
-    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=src.device)
-    draws.random_(-2 ** 63, None, generator=generator)
-    noise.copy_(draws.view(torch.int16)[:n]).bitwise_and_(0xFFFF)
-    rounded = noise.add_(bits).bitwise_and_(-65536)  # -65536 == 0xFFFF0000
-    # Exact: each value now has a bf16 representation.
-    dst.copy_(rounded.view(torch.float32).view(src.shape))
+
+def _noise16(n: int, offset, key, device) -> torch.Tensor:
+    """16 uniform random bits for each of elements ``offset .. offset + n - 1`` of a tensor,
+    as int64: a hash of (element index XOR ``key``), two rounds of multiply and xor-shift
+    (Thomas Mueller's 32-bit integer hash). A pure function, so a compiled kernel computes
+    it in registers with no random state to keep, and a resumed run redraws what the
+    uninterrupted one drew. Every product stays below 2^59: no int64 overflow."""
+    x = (torch.arange(n, dtype=torch.int64, device=device) + offset).bitwise_xor(key)
+    x = (x.bitwise_right_shift(16).bitwise_xor(x) * 0x45D9F3B).bitwise_and(_MASK32)
+    x = (x.bitwise_right_shift(16).bitwise_xor(x) * 0x45D9F3B).bitwise_and(_MASK32)
+    return x.bitwise_right_shift(16).bitwise_xor(x).bitwise_and(0xFFFF)
+
+
+def _round_stochastic(src: torch.Tensor, key, offset=0) -> torch.Tensor:
+    """fp32 ``src`` (1-D) rounded to bf16 at random, equal to ``src`` in expectation.
+
+    A bf16 value is the top 16 bits of an fp32 one. Adding a uniform integer in [0, 2^16)
+    to the fp32 bit pattern and clearing the low 16 bits rounds the magnitude up exactly
+    when the noise exceeds the dropped bits' complement, i.e. with probability (dropped
+    bits) / 2^16. The sum is taken in int64 (no overflow); infinities and NaNs keep their
+    class."""
+    bits = src.view(torch.int32).to(torch.int64)
+    noisy = bits + _noise16(src.numel(), offset, key, src.device)
+    # Exact: the low 16 bits are zero, so the value has a bf16 representation.
+    return noisy.bitwise_and(-65536).to(torch.int32).view(torch.float32).to(torch.bfloat16)
+
+
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, key: int) -> None:
+    """Write fp32 ``src`` into bf16 ``dst``, rounding each value up or down at random (the
+    draws a function of the integer ``key`` and the element's position) so that the result
+    equals ``src`` in expectation."""
+    dst.view(-1).copy_(_round_stochastic(src.contiguous().view(-1), torch.tensor(key)))
+
+
+def _adamw_flat(p, grad, m, v, hyper, key, offset):
+    """One AdamW step, in place, on 1-D ``p``, its ``grad`` and moments ``m``, ``v`` (bf16
+    or fp32), computed in fp32. ``hyper``: a tensor of (step size, eps, beta1, beta2, weight
+    decay factor), and the rounding's ``key`` (an int64 tensor), so that a new learning rate
+    or step is new data, not a new compiled kernel; ``offset``: the position of ``p[0]`` in
+    its parameter."""
+    step_size, eps_hat, b1, b2, decay = hyper.unbind()
+    g = grad.float()
+    m32 = m.float() * b1 + g * (1 - b1)
+    v32 = v.float() * b2 + g * g * (1 - b2)
+    w = p.float() * decay - step_size * m32 / (v32.sqrt() + eps_hat)
+    if p.dtype == torch.bfloat16:
+        p.copy_(_round_stochastic(w, key, offset))
+    else:  # fp32: exact (fp16 would round to nearest)
+        p.copy_(w)
+    m.copy_(m32)  # the moments round to nearest (see the module doc)
+    v.copy_(v32)
+
+
+def _adamw_whole(p, grad, m, v, hyper, key):
+    """``_adamw_flat`` on whole tensors of any shape, flattened inside (a view made outside
+    would make the compiled kernel depend on the shape it was viewed from)."""
+    _adamw_flat(p.view(-1), grad.view(-1), m.view(-1), v.view(-1), hyper, key, 0)
+
+
+# The step compiled into one loop over memory (torch.compile; inductor's C++ on a CPU)
+# instead of ~20 eager passes over every tensor (docs/results.md, "bf16 weights"). Sizes
+# are dynamic: one kernel for each number of dimensions (two for SmolLM2). Where
+# compiling fails (no C++ compiler, say) the step runs eagerly.
+_compiled_step = torch.compile(_adamw_whole, dynamic=True, fullgraph=True)
 
 
 class StochasticAdamW(torch.optim.Optimizer):
@@ -102,12 +147,11 @@ class StochasticAdamW(torch.optim.Optimizer):
     are updated exactly. State keys match ``torch.optim.AdamW``'s."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.99), eps: float = 1e-8,
-                 weight_decay: float = 0.0, seed: int = 0):
+                 weight_decay: float = 0.0, seed: int = 0, compiled: bool = True):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))
         self.seed = seed
-        self.generator = None
-        self._work = None
+        self.compiled = compiled  # False after a failed compile: eager from then on
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -130,52 +174,41 @@ class StochasticAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
                 t = int(state["step"].item())
-                # The rounding noise is a function of (seed, step, parameter): a resumed run
-                # draws what the uninterrupted one would have, with no generator to save.
-                gen = self._generator(p, t, index)
-                self._update(local_shard(p), local_shard(p.grad), local_shard(state["exp_avg"]),
-                             local_shard(state["exp_avg_sq"]), t, lr, b1, b2, eps, wd, gen)
+                bc1, root_bc2 = 1 - b1 ** t, math.sqrt(1 - b2 ** t)
+                # p -= lr/bc1 * m / (sqrt(v)/root_bc2 + eps), root_bc2 folded into the step.
+                hyper = torch.tensor([lr / bc1 * root_bc2, eps * root_bc2, b1, b2,
+                                      1 - lr * wd], dtype=torch.float32)
+                # detach: a Parameter would be compiled for its exact size.
+                tensors = [local_shard(x).detach() for x in
+                           (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                device = tensors[0].device
+                key = torch.tensor(self._key(t, index), device=device)
+                self._update(*tensors, hyper.to(device), key)
         return loss
 
-    def _generator(self, p: torch.Tensor, step: int, index: int) -> torch.Generator:
-        device = local_shard(p).device
-        if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device)
-        self.generator.manual_seed((self.seed * 1_000_003 + step) * 65_537 + index)
-        return self.generator
+    def _key(self, step: int, index: int) -> int:
+        """The rounding draws' key: a function of (seed, step, parameter), so that a
+        resumed run rounds as the uninterrupted one would have, with no random state to
+        save (splitmix64's finaliser, cut to 31 bits)."""
+        z = (self.seed * 1_000_003 + step) * 65_537 + index
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        return (z ^ (z >> 31)) & 0x7FFFFFFF
 
-    def _buffers(self, device) -> dict[str, torch.Tensor]:
-        """fp32 work space for one chunk, kept between steps (fresh allocations of this size
-        cost more here than the arithmetic: each is new pages from the OS)."""
-        if self._work is None or self._work["g"].device != device:
-            self._work = {k: torch.empty(CHUNK, dtype=torch.float32, device=device)
-                          for k in ("g", "m", "v", "w", "d")}
-            self._work["noise"] = torch.empty(CHUNK, dtype=torch.int32, device=device)
-        return self._work
-
-    def _update(self, p, grad, m, v, t, lr, b1, b2, eps, wd, gen) -> None:
-        bc1, root_bc2 = 1 - b1 ** t, math.sqrt(1 - b2 ** t)
-        # p -= lr/bc1 * m / (sqrt(v)/root_bc2 + eps), with root_bc2 folded into the step.
-        step_size, eps_hat = lr / bc1 * root_bc2, eps * root_bc2
-        work = self._buffers(p.device)
+    def _update(self, p, grad, m, v, hyper, key) -> None:
+        if self.compiled:
+            try:
+                _compiled_step(p, grad, m, v, hyper, key)
+                return
+            except Exception as e:  # noqa: BLE001 - any compiler failure: run eagerly
+                log.warning("the bf16 AdamW step could not be compiled (%s: %s); it runs "
+                            "eagerly, slower", type(e).__name__, str(e).splitlines()[0]
+                            if str(e) else "")
+                self.compiled = False
+        # Eagerly, in chunks: bounds the fp32 and int64 temporaries to ~100 MB.
         flat = [x.view(-1) for x in (p, grad, m, v)]
         for i in range(0, p.numel(), CHUNK):
-            pc, gc, mc, vc = (x[i:i + CHUNK] for x in flat)
-            n = pc.numel()
-            g, m32, v32, w, d = (work[k][:n] for k in ("g", "m", "v", "w", "d"))
-            g.copy_(gc)
-            m32.copy_(mc).lerp_(g, 1 - b1)
-            v32.copy_(vc).mul_(b2).addcmul_(g, g, value=1 - b2)
-            mc.copy_(m32)  # the moments round to nearest (see the module doc)
-            vc.copy_(v32)
-            w.copy_(pc)
-            if wd:
-                w.mul_(1 - lr * wd)
-            w.addcdiv_(m32, torch.sqrt(v32, out=d).add_(eps_hat), value=-step_size)
-            if pc.dtype == torch.bfloat16:
-                stochastic_round_(pc, w, gen, work["noise"])
-            else:  # fp32: exact (fp16 would round to nearest)
-                pc.copy_(w)
+            _adamw_flat(*(x[i:i + CHUNK] for x in flat), hyper, key, i)
 
 
 def lr_factor(warmup: int, total: int, kind: str):

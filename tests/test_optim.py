@@ -10,18 +10,17 @@ from nanovppo.optim import StochasticAdamW, adamw, stochastic_round_
 
 
 def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
-    gen = torch.Generator().manual_seed(0)
     lo, hi = 1.0 - 2 ** -8, 1.0  # neighbouring bf16 values
     src = torch.full((200_000,), 1.0 - 1e-3)  # 0.256 of the way from hi down to lo
     dst = torch.empty_like(src, dtype=torch.bfloat16)
-    stochastic_round_(dst, src, gen)
+    stochastic_round_(dst, src, key=0)
     assert set(dst.float().unique().tolist()) == {lo, hi}
     assert abs(dst.float().mean().item() - src[0].item()) < 2e-5
     assert src.to(torch.bfloat16).float().unique().tolist() == [hi]  # nearest: always up
     # Sign, exact values and special values are kept.
     special = torch.tensor([-(1.0 - 1e-3), 0.5, -0.0, float("inf"), -float("inf"), float("nan")])
     out = torch.empty_like(special, dtype=torch.bfloat16)
-    stochastic_round_(out, special, gen)
+    stochastic_round_(out, special, key=1)
     assert out[0].item() in (-lo, -hi)
     assert out[1].item() == 0.5 and out[2].item() == 0.0
     assert out[3].item() == float("inf") and out[4].item() == -float("inf")
@@ -37,7 +36,8 @@ def _train(params, opt, steps, target):
     return params.detach().float()
 
 
-def test_bf16_weights_follow_fp32_adamw_where_plain_bf16_adamw_stalls():
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+def test_bf16_weights_follow_fp32_adamw_where_plain_bf16_adamw_stalls(compiled):
     # Weights near 0.05 (bf16 steps of 2.4e-4 there), learning rate 1e-5 per step.
     torch.manual_seed(0)
     init = 0.05 + 0.005 * torch.rand(4096)
@@ -47,7 +47,8 @@ def test_bf16_weights_follow_fp32_adamw_where_plain_bf16_adamw_stalls():
     ref = _train(p32, torch.optim.AdamW([p32], lr=lr, weight_decay=0.0), steps, target)
     p16 = init.to(torch.bfloat16).requires_grad_()
     start = p16.detach().float().clone()
-    ours = _train(p16, StochasticAdamW([p16], lr=lr, seed=3), steps, target)
+    ours = _train(p16, StochasticAdamW([p16], lr=lr, seed=3, compiled=compiled), steps,
+                  target)
     plain16 = init.to(torch.bfloat16).requires_grad_()
     stalled = _train(plain16, torch.optim.AdamW([plain16], lr=lr, weight_decay=0.0),
                      steps, target)
@@ -77,6 +78,64 @@ def test_state_dict_round_trip_resumes_bit_for_bit():
     _train(c, opt_c, 2, target)
     assert torch.equal(a.detach(), c.detach())
     assert opt_c.state[c]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_the_compiled_step_is_one_kernel_for_all_sizes_and_learning_rates():
+    """Matrices of two sizes, a vector, a learning rate that changes every step: the step
+    is compiled twice, once per number of dimensions (a third compile raises here, and the
+    optimizer would then have fallen back to its eager step, which ``compiled`` records),
+    and it moves the weights as the eager step does."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    sizes = [(64, 32), (7,), (5, 11)]
+    targets = [torch.randn(s) for s in sizes]
+
+    def run(compiled):
+        params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.bfloat16)) for s in sizes]
+        opt = StochasticAdamW(params, lr=1e-2, compiled=compiled)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda done: 1.0 - done / 4)
+        for _ in range(3):
+            opt.zero_grad()
+            sum(((p.float() - t) ** 2).sum() for p, t in zip(params, targets)).backward()
+            opt.step()
+            sched.step()
+        return opt, [p.detach().float() for p in params]
+
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        opt, fast = run(compiled=True)
+    assert opt.compiled
+    _, eager = run(compiled=False)
+    # Adam moves a weight by about its learning rate a step while the gradient keeps its
+    # sign (the targets are ~1 away, the steps ~1e-2): 1e-2 + 7.5e-3 + 5e-3 = 0.0225 in all.
+    # Both paths draw the same rounding noise; they may round a value differently only
+    # where their fp32 results differ in the last bit: one bf16 step, 2^-7 relative.
+    for f, e in zip(fast, eager):
+        assert 0.02 < f.abs().mean() < 0.023
+        assert (f - e).abs().max() <= 2 ** -7 * f.abs().max()
+
+
+def test_a_compiler_that_fails_leaves_the_eager_step_and_one_warning(caplog):
+    """No working C++ compiler (inductor's on a CPU): the step runs eagerly, says so once,
+    and computes what the eager optimizer computes."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    init, grad = torch.randn(1000).to(torch.bfloat16), torch.randn(1000).to(torch.bfloat16)
+    params = [torch.nn.Parameter(init.clone()) for _ in range(2)]
+    for p in params:
+        p.grad = grad.clone()
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True}):
+        broken = StochasticAdamW([params[0]], lr=1e-3, seed=5)
+        broken.step()
+        broken.step()
+    eager = StochasticAdamW([params[1]], lr=1e-3, seed=5, compiled=False)
+    eager.step()
+    eager.step()
+    assert not broken.compiled
+    warnings = [r for r in caplog.records if "could not be compiled" in r.getMessage()]
+    assert len(warnings) == 1 and "No working C++ compiler" in warnings[0].getMessage()
+    assert torch.equal(params[0], params[1]) and not torch.equal(params[0], init)
+    torch._dynamo.reset()
 
 
 def test_fp32_parameters_get_torch_adamw():
