@@ -2,7 +2,7 @@
 its wall time, held-out accuracy at the RL start (the warm start's end) and at its end,
 pass@k at both ends, the median step split and the share of groups with no signal.
 
-    python bench/learning_table.py [--experiment nanovppo] [--tracking-uri URI]
+    python bench/learning_table.py [--experiment nanovppo] [--tracking-uri URI] [--run-ids ID ...]
 
 A control (tag nanovppo.kind=control) has no RL phase: its RL start is its end.
 """
@@ -48,11 +48,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experiment", default="nanovppo")
     p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--run-ids", nargs="*", default=None,
+                   help="only these runs of the experiment (by default all)")
     args = p.parse_args()
     client = MlflowClient(args.tracking_uri or default_tracking_uri("outputs"))
     runs = [r for r in experiment_runs(client, args.experiment,
                                        order_by=["attributes.start_time ASC"])
-            if kind_of(r) in ("train", "control")]
+            if kind_of(r) in ("train", "control")
+            and (args.run_ids is None or r.info.run_id in args.run_ids)]
     rows = [row(client, r) for r in runs]
     if not rows:
         raise SystemExit("error: no training or control runs")
