@@ -1,6 +1,7 @@
 """The Countdown reward on good, bad and adversarial outputs, and its data."""
 
 import itertools
+import re
 from collections import Counter
 import json
 import time
@@ -217,13 +218,16 @@ def test_the_warm_start_draws_on_the_first_n_problems_demonstrations_only():
 
 
 def test_search_demonstrations_compute_each_try_exactly_and_end_at_the_target():
-    """Each line of a search demonstration is a chain "a op b = c, c op d = e (no|yes)":
-    every step's arithmetic holds, the numbers of a line are the problem's, a "(no)" line
-    misses the target and the one "(yes)" line, last, reaches it; the answer is correct."""
+    """Each line of a search demonstration is a chain "a*b=c, c+d=e vs TARGET no|yes" (a
+    fraction in brackets): every step's arithmetic holds, the numbers of a line are the
+    problem's, a "no" line misses the target and the one "yes" line, last, reaches it; the
+    answer is correct."""
     task = CountdownTask(n_train=300, n_test=10, seed=2, generate={"counts": [3], "low": 1,
                          "high": 12, "max_target": 36},
                          demonstration={"style": "search", "max_wrong_tries": 3})
-    wrong = Counter()
+    number = r"(\d+|\(\d+/\d+\))"
+    step_re = re.compile(rf"{number}([-+*/]){number}={number}")
+    wrong, fractions = Counter(), 0
     for ex in task.train_examples:
         demo = task.demonstration(ex)
         assert demo == task.demonstration(ex)  # a pure function of the problem
@@ -231,16 +235,20 @@ def test_search_demonstrations_compute_each_try_exactly_and_end_at_the_target():
         lines = demo.split("</think>")[0].split("\n")
         wrong[len(lines) - 1] += 1
         for i, line in enumerate(lines):
-            chain, verdict = line.rsplit(" (", 1)
-            assert verdict == ("yes)" if i == len(lines) - 1 else "no)"), demo
+            chain, target, verdict = re.fullmatch(r"(.*) vs (\d+) (yes|no)", line).groups()
+            assert int(target) == ex["target"], demo
+            assert verdict == ("yes" if i == len(lines) - 1 else "no"), demo
             value, used = None, []
             for step in chain.split(", "):
-                left, right = step.split(" = ")
-                a, op, b = left.split(" ")
-                assert value is None or Fraction(a) == value or Fraction(b) == value, demo
-                x, y = Fraction(a), Fraction(b)
+                a, op, b, right = step_re.fullmatch(step).groups()
+                fractions += "(" in step
+                x, y, z = (Fraction(v.strip("()")) for v in (a, b, right))
+                assert value is None or x == value or y == value, demo
+                used += [x, y] if value is None else [y if x == value else x]
                 value = x + y if op == "+" else x - y if op == "-" else x * y if op == "*" else x / y
-                assert Fraction(right) == value, step
+                assert z == value, step
+            assert sorted(used) == sorted(ex["nums"]), demo
             assert (value == ex["target"]) == (i == len(lines) - 1), demo
+    assert fractions > 0  # the brackets were exercised
     # 0 to 3 wrong tries, each count drawn about equally often (75 of 300 expected each)
     assert set(wrong) == {0, 1, 2, 3} and min(wrong.values()) > 40, wrong

@@ -81,6 +81,16 @@ def _random_target(nums: list[int], rng: random.Random) -> tuple[int, str, list[
     return (int(value), expr, steps) if value.denominator == 1 else None
 
 
+def _compact_line(steps: list[str]) -> str:
+    """Steps "a op b = c" as one line without spaces, "a*b=c, c+d=e", each fraction in
+    brackets so that "(3/2)*2=3" reads one way."""
+    out = []
+    for step in steps:
+        a, op, b, _, c = (f"({x})" if "/" in x and len(x) > 1 else x for x in step.split(" "))
+        out.append(f"{a}{op}{b}={c}")
+    return ", ".join(out)
+
+
 def split_of(nums: list[int], target: int, test_fraction: float) -> str:
     """'test' or 'train', fixed by a hash of the problem, so the splits never share one."""
     key = f"{sorted(nums)}={target}".encode()
@@ -232,9 +242,13 @@ class CountdownTask(Task):
         recorded (None for problems loaded without one). It continues the prefill.
 
         ``direct``: the solution's steps, then the answer. ``search``: first 0 to
-        ``max_wrong_tries`` other combinations of the numbers, each computed exactly and
-        marked ``(no)`` as its value misses the target, then the solution's steps marked
-        ``(yes)``: a search to imitate, whose checks the answer can rest on.
+        ``max_wrong_tries`` other combinations of the numbers, each computed exactly, its
+        value set beside the target (``36 vs 12``) and marked ``no``, then the solution's
+        steps marked ``yes``: a search to imitate, whose checks the answer can rest on.
+        The comparison puts the two numbers it compares side by side, so that the verdict
+        need not look back into the prompt. Its lines are written without spaces
+        (``3*6=18``; a fraction in brackets, ``(3/2)*2=3``), which takes a quarter fewer
+        tokens than ``3 * 6 = 18`` with SmolLM2's tokenizer.
 
         >>> from nanovppo.config import load_task
         >>> task = load_task("countdown", n_train=1, n_test=1,
@@ -242,16 +256,16 @@ class CountdownTask(Task):
         >>> ex = {"nums": [2, 3, 6], "target": 12, "solution": "(6 - 2) * 3",
         ...       "steps": ["6 - 2 = 4", "4 * 3 = 12"]}
         >>> print(task.demonstration(ex))  # 3 * 6 * 2 = 36 and 6 / 3 / 2 = 1 miss 12
-        3 * 6 = 18, 18 * 2 = 36 (no)
-        6 / 3 = 2, 2 / 2 = 1 (no)
-        6 - 2 = 4, 4 * 3 = 12 (yes)</think> <answer>(6 - 2) * 3</answer>
+        3*6=18, 18*2=36 vs 12 no
+        6/3=2, 2/2=1 vs 12 no
+        6-2=4, 4*3=12 vs 12 yes</think> <answer>(6 - 2) * 3</answer>
         """
         if "solution" not in example:
             return None
-        right = ", ".join(example["steps"])
         answer = f"</think> <answer>{example['solution']}</answer>"
         if self.demo_style == "direct":
-            return right + answer
+            return ", ".join(example["steps"]) + answer
+        right = _compact_line(example["steps"])
         key = f"{self.seed}:{sorted(example['nums'])}={example['target']}".encode()
         rng = random.Random(hashlib.sha256(key).digest())
         wanted = rng.randint(0, self.max_wrong_tries)
@@ -260,11 +274,12 @@ class CountdownTask(Task):
             if len(tries) == wanted:
                 break
             made = _random_target(list(example["nums"]), rng)
-            if made is None or made[0] == example["target"] or ", ".join(made[2]) in seen:
+            line = None if made is None else _compact_line(made[2])
+            if line is None or made[0] == example["target"] or line in seen:
                 continue
-            seen.add(", ".join(made[2]))
-            tries.append(", ".join(made[2]) + " (no)")
-        return "\n".join(tries + [right + " (yes)"]) + answer
+            seen.add(line)
+            tries.append(f"{line} vs {example['target']} no")
+        return "\n".join(tries + [f"{right} vs {example['target']} yes"]) + answer
 
     def reward(self, response: str, example: dict) -> Reward:
         nums = example["nums"]
