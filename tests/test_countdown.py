@@ -9,6 +9,7 @@ from fractions import Fraction
 
 import pytest
 
+from nanovppo.errors import ConfigError
 from nanovppo.tasks.arith import InvalidEquation, evaluate
 from nanovppo.tasks.base import DatasetUnavailableError
 from nanovppo.tasks.countdown import generate_examples, split_of
@@ -252,3 +253,52 @@ def test_search_demonstrations_compute_each_try_exactly_and_end_at_the_target():
     assert fractions > 0  # the brackets were exercised
     # 0 to 3 wrong tries, each count drawn about equally often (75 of 300 expected each)
     assert set(wrong) == {0, 1, 2, 3} and min(wrong.values()) > 40, wrong
+
+
+def test_goal_demonstrations_work_back_from_the_target_in_a_fixed_order():
+    """A goal demonstration: lines "t op z=v no", then "t op z=v: x op y=v yes", then the
+    equation. Each line's arithmetic holds and uses the target and one of the numbers; a
+    "no" line's v is none of what the other two numbers make in one step (x+y, |x-y|, x*y,
+    x/y when whole), the "yes" line's step makes v from exactly those two; no line comes
+    twice, and the answer is correct."""
+    task = CountdownTask(n_train=300, n_test=10, seed=4, generate={"counts": [3], "low": 1,
+                         "high": 12, "max_target": 36},
+                         demonstration={"style": "goal", "max_wrong_tries": 0})
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+           "/": lambda a, b: Fraction(a, b)}
+    step = r"(\d+)([-+*/])(\d+)=(\d+)"
+    tries = Counter()
+    for ex in task.train_examples:
+        demo = task.demonstration(ex)
+        assert task.reward(task.prefill + demo, ex).correct, demo
+        lines = demo.split("</think>")[0].split("\n")
+        assert len(set(lines)) == len(lines), demo
+        tries[len(lines) - 1] += 1
+        for i, line in enumerate(lines):
+            last = i == len(lines) - 1
+            m = re.fullmatch(rf"{step}(: {step})? (yes|no)", line)
+            assert m and (m.group(10) == "yes") == last and bool(m.group(5)) == last, demo
+            a, op, b, need = m.group(1), m.group(2), m.group(3), int(m.group(4))
+            assert ops[op](int(a), int(b)) == need, line
+            assert str(ex["target"]) in (a, b), line
+            z = int(b) if a == str(ex["target"]) else int(a)
+            rest = list(ex["nums"])
+            rest.remove(z)
+            x, y = rest
+            made = {x + y, abs(x - y), x * y}
+            if min(x, y) > 0 and max(x, y) % min(x, y) == 0:
+                made.add(max(x, y) // min(x, y))
+            if not last:
+                assert need not in made, (line, x, y)
+            else:
+                p, q = int(m.group(6)), int(m.group(8))
+                assert sorted((p, q)) == sorted((x, y)) and ops[m.group(7)](p, q) == need, line
+    # most problems are solved within a few lines, some need many
+    assert tries[0] > 30 and max(tries) >= 6, tries
+
+
+def test_goal_demonstrations_need_three_numbers():
+    with pytest.raises(ConfigError, match="three numbers"):
+        CountdownTask(n_train=5, n_test=2, generate={"counts": [3, 4], "low": 1, "high": 12,
+                                                     "max_target": 36},
+                      demonstration={"style": "goal", "max_wrong_tries": 0})

@@ -38,7 +38,7 @@ from nanovppo.tasks.arith import InvalidEquation, evaluate
 from nanovppo.tasks.base import Reward, Task, load_records, shaping_weights, split_rows
 
 SHAPING = ("format", "numbers", "closeness")
-DEMONSTRATION_STYLES = ("direct", "search")
+DEMONSTRATION_STYLES = ("direct", "search", "goal")
 
 
 
@@ -89,6 +89,48 @@ def _compact_line(steps: list[str]) -> str:
         a, op, b, _, c = (f"({x})" if "/" in x and len(x) > 1 else x for x in step.split(" "))
         out.append(f"{a}{op}{b}={c}")
     return ", ".join(out)
+
+
+def _pair_values(x: int, y: int) -> list[tuple[str, int]]:
+    """What two numbers make in one step: (the step, its value), whole values only."""
+    big, small = max(x, y), min(x, y)
+    out = [(f"{x}+{y}", x + y), (f"{big}-{small}", big - small), (f"{x}*{y}", x * y)]
+    if small and big % small == 0:
+        out.append((f"{big}/{small}", big // small))
+    return out
+
+
+def _goal_search(nums: list[int], target: int) -> tuple[list[str], str] | None:
+    """A search of three numbers that works back from the target: for each number z in
+    turn and each way z can take part in the last step, the value the other two must make,
+    then whether they make it. Returns the lines and the equation found, or None if no
+    equation of the form (x op y) op z (whole values) reaches the target."""
+    lines, splits, written = [], set(), set()
+    for i, z in enumerate(nums):
+        x, y = (n for j, n in enumerate(nums) if j != i)
+        if (z, min(x, y), max(x, y)) in splits:  # the same split again: nothing new
+            continue
+        splits.add((z, min(x, y), max(x, y)))
+        t = target
+        # the last step, how the other two's value v must follow, and the equation's shape
+        ways = [(t - z, f"{t}-{z}", "{e} + " + str(z)),       # v + z = t
+                (t + z, f"{t}+{z}", "{e} - " + str(z)),       # v - z = t
+                (z - t, f"{z}-{t}", str(z) + " - ({e})"),     # z - v = t
+                (t // z if z and t % z == 0 else None, f"{t}/{z}", "({e}) * " + str(z)),
+                (t * z, f"{t}*{z}", "({e}) / " + str(z)),     # v / z = t
+                (z // t if z % t == 0 else None, f"{z}/{t}", str(z) + " / ({e})")]
+        for need, how, shape in ways:
+            if need is None or need < 0 or how in written:  # z = t: t-z is z-t, t/z is z/t
+                continue
+            written.add(how)
+            hit = next((step for step, v in _pair_values(x, y) if v == need), None)
+            if hit is None:
+                lines.append(f"{how}={need} no")
+                continue
+            lines.append(f"{how}={need}: {hit}={need} yes")
+            spaced = "".join(f" {c} " if c in "+-*/" else c for c in hit)
+            return lines, shape.format(e=spaced)
+    return None
 
 
 def split_of(nums: list[int], target: int, test_fraction: float) -> str:
@@ -197,7 +239,7 @@ class CountdownTask(Task):
         demo = dict(demonstration)
         if set(demo) != {"style", "max_wrong_tries"} or demo["style"] not in DEMONSTRATION_STYLES \
                 or not (isinstance(demo["max_wrong_tries"], int) and demo["max_wrong_tries"] >= 0):
-            raise ConfigError("task.demonstration takes style (direct or search) and "
+            raise ConfigError("task.demonstration takes style (direct, search or goal) and "
                               f"max_wrong_tries (an integer >= 0); got {demo}")
         self.demo_style, self.max_wrong_tries = demo["style"], demo["max_wrong_tries"]
         self.seed = seed
@@ -209,6 +251,10 @@ class CountdownTask(Task):
                                   f"{', '.join(sorted(g)) or 'nothing'}")
             settings = {"counts": list(g["counts"]), "low": g["low"], "high": g["high"],
                         "max_target": g["max_target"]}
+            if self.demo_style == "goal" and settings["counts"] != [3]:
+                raise ConfigError("task.demonstration.style=goal writes searches over three "
+                                  f"numbers; task.generate.counts is {settings['counts']}: "
+                                  "set it to [3] or choose style direct or search")
             self.train_examples, self.test_examples = generate_examples(
                 n_train, n_test, seed, counts=tuple(settings["counts"]), low=settings["low"],
                 high=settings["high"], max_target=settings["max_target"])
@@ -259,12 +305,37 @@ class CountdownTask(Task):
         3*6=18, 18*2=36 vs 12 no
         6/3=2, 2/2=1 vs 12 no
         6-2=4, 4*3=12 vs 12 yes</think> <answer>(6 - 2) * 3</answer>
+
+        ``goal`` (three numbers): a search that works back from the target, tried in a
+        fixed order so that it never repeats itself. For each number z in turn and each
+        way z can take the last step (v + z, v - z, z - v, v * z, v / z, z / v), the value
+        v the other two must make, marked ``no`` until they make it in one step; then the
+        equation. It reaches every problem whose solution needs no fraction on the way
+        (all of countdown_small's); for the others it writes the direct demonstration.
+
+        >>> task = load_task("countdown_small", n_train=1, n_test=1,
+        ...                  demonstration={"style": "goal", "max_wrong_tries": 0})
+        >>> print(task.demonstration(ex))  # 3, 6 make neither 10, 14, 6 nor 24
+        12-2=10 no
+        12+2=14 no
+        12/2=6 no
+        12*2=24 no
+        12-3=9 no
+        12+3=15 no
+        12/3=4: 6-2=4 yes</think> <answer>(6 - 2) * 3</answer>
         """
         if "solution" not in example:
             return None
         answer = f"</think> <answer>{example['solution']}</answer>"
         if self.demo_style == "direct":
             return ", ".join(example["steps"]) + answer
+        if self.demo_style == "goal":
+            nums = list(example["nums"])
+            found = _goal_search(nums, example["target"]) if len(nums) == 3 else None
+            if found is None:
+                return ", ".join(example["steps"]) + answer
+            lines, equation = found
+            return "\n".join(lines) + f"</think> <answer>{equation}</answer>"
         right = _compact_line(example["steps"])
         key = f"{self.seed}:{sorted(example['nums'])}={example['target']}".encode()
         rng = random.Random(hashlib.sha256(key).digest())
