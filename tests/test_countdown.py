@@ -302,3 +302,17 @@ def test_goal_demonstrations_need_three_numbers():
         CountdownTask(n_train=5, n_test=2, generate={"counts": [3, 4], "low": 1, "high": 12,
                                                      "max_target": 36},
                       demonstration={"style": "goal", "max_wrong_tries": 0})
+
+
+def test_goal_demonstrations_never_divide_by_zero():
+    """With 0 among the numbers (task.generate.low: 0) the generator draws no division by
+    zero (it raised ZeroDivisionError) and a goal search's z of 0 takes no division step:
+    every demonstration's equation is correct."""
+    task = CountdownTask(n_train=200, n_test=5, seed=1, generate={"counts": [3], "low": 0,
+                         "high": 6, "max_target": 20},
+                         demonstration={"style": "goal", "max_wrong_tries": 0})
+    with_zero = [ex for ex in task.train_examples if 0 in ex["nums"]]
+    assert len(with_zero) > 10
+    for ex in with_zero:
+        demo = task.demonstration(ex)
+        assert task.reward(task.prefill + demo, ex).correct, (ex, demo)

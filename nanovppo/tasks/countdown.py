@@ -54,7 +54,7 @@ def _random_target(nums: list[int], rng: random.Random) -> tuple[int, str, list[
     """Combine ``nums`` in a random order with random operators, left to right.
 
     Returns (target, an equation that reaches it, its steps as "a op b = c"), or None if
-    the value is not a whole number.
+    the value is not a whole number or a step would divide by zero.
     """
     order = nums[:]
     rng.shuffle(order)
@@ -74,6 +74,8 @@ def _random_target(nums: list[int], rng: random.Random) -> tuple[int, str, list[
         elif op == "*":
             new, expr = value * n, f"{inner} * {n}"
             steps.append(f"{_fmt(value)} * {n} = {_fmt(new)}")
+        elif n == 0:
+            return None  # no division by zero: draw again
         else:
             new, expr = value / n, f"{inner} / {n}"
             steps.append(f"{_fmt(value)} / {n} = {_fmt(new)}")
@@ -117,8 +119,8 @@ def _goal_search(nums: list[int], target: int) -> tuple[list[str], str] | None:
                 (t + z, f"{t}+{z}", "{e} - " + str(z)),       # v - z = t
                 (z - t, f"{z}-{t}", str(z) + " - ({e})"),     # z - v = t
                 (t // z if z and t % z == 0 else None, f"{t}/{z}", "({e}) * " + str(z)),
-                (t * z, f"{t}*{z}", "({e}) / " + str(z)),     # v / z = t
-                (z // t if z % t == 0 else None, f"{z}/{t}", str(z) + " / ({e})")]
+                (t * z if z else None, f"{t}*{z}", "({e}) / " + str(z)),  # v / z = t
+                (z // t if z and z % t == 0 else None, f"{z}/{t}", str(z) + " / ({e})")]
         for need, how, shape in ways:
             if need is None or need < 0 or how in written:  # z = t: t-z is z-t, t/z is z/t
                 continue
