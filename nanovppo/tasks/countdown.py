@@ -86,10 +86,11 @@ def _random_target(nums: list[int], rng: random.Random) -> tuple[int, str, list[
 def _compact_line(steps: list[str]) -> str:
     """Steps "a op b = c" as one line without spaces, "a*b=c, c+d=e", each fraction in
     brackets so that "(3/2)*2=3" reads one way."""
+    bracket = lambda x: f"({x})" if "/" in x else x  # noqa: E731 (a fraction like 3/2)
     out = []
     for step in steps:
-        a, op, b, _, c = (f"({x})" if "/" in x and len(x) > 1 else x for x in step.split(" "))
-        out.append(f"{a}{op}{b}={c}")
+        a, op, b, _, c = step.split(" ")
+        out.append(f"{bracket(a)}{op}{bracket(b)}={bracket(c)}")
     return ", ".join(out)
 
 
@@ -329,13 +330,14 @@ class CountdownTask(Task):
         if "solution" not in example:
             return None
         answer = f"</think> <answer>{example['solution']}</answer>"
+        direct = ", ".join(example["steps"]) + answer
         if self.demo_style == "direct":
-            return ", ".join(example["steps"]) + answer
+            return direct
         if self.demo_style == "goal":
             nums = list(example["nums"])
             found = _goal_search(nums, example["target"]) if len(nums) == 3 else None
             if found is None:
-                return ", ".join(example["steps"]) + answer
+                return direct
             lines, equation = found
             return "\n".join(lines) + f"</think> <answer>{equation}</answer>"
         right = _compact_line(example["steps"])
