@@ -297,6 +297,55 @@ def test_goal_demonstrations_work_back_from_the_target_in_a_fixed_order():
     assert tries[0] > 30 and max(tries) >= 6, tries
 
 
+def test_checked_demonstrations_set_each_verdict_beside_the_values_it_compares():
+    """A checked demonstration is the goal search with, before each number z's lines, a
+    line of everything the other two make in one step ("x+y=s big-small=d x*y=p big/small=q",
+    the last only when whole). Each such line's arithmetic holds over exactly the two other
+    numbers; every need line "t op z=v" that follows says yes exactly when v is among the
+    values on the line above its block, and only the last line says yes; dropping the value
+    lines leaves the goal demonstration, and the answer is correct."""
+    setting = dict(n_train=300, n_test=10, seed=4, generate={"counts": [3], "low": 1,
+                   "high": 12, "max_target": 36})
+    checked = CountdownTask(**setting, demonstration={"style": "checked", "max_wrong_tries": 0})
+    goal = CountdownTask(**setting, demonstration={"style": "goal", "max_wrong_tries": 0})
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+           "/": lambda a, b: Fraction(a, b)}
+    step = r"(\d+)([-+*/])(\d+)=(\d+)"
+    blocks = Counter()
+    for ex in checked.train_examples:
+        demo = checked.demonstration(ex)
+        assert checked.reward(checked.prefill + demo, ex).correct, demo
+        lines = demo.split("</think>")[0].split("\n")
+        needs, values = [], None
+        for i, line in enumerate(lines):
+            if "yes" not in line and "no" not in line:  # a value line
+                made = [re.fullmatch(step, part) for part in line.split(" ")]
+                assert all(made) and 3 <= len(made) <= 4, line
+                pair = {(int(m.group(1)), int(m.group(3))) for m in made}
+                (x, y), = {tuple(sorted(p)) for p in pair}
+                rest = list(ex["nums"])
+                for n in (x, y):
+                    rest.remove(n)
+                z, = rest
+                assert [m.group(2) for m in made] == list("+-*/")[:len(made)], line
+                assert all(ops[m.group(2)](int(m.group(1)), int(m.group(3))) == int(m.group(4))
+                           for m in made), line
+                values = [m.group(0) for m in made]
+                blocks[len(lines)] += 1
+                continue
+            assert values is not None, demo  # a value line comes first
+            m = re.fullmatch(rf"{step}(: {step})? (yes|no)", line)
+            need, says_yes = int(m.group(4)), m.group(10) == "yes"
+            assert str(z) in (m.group(1), m.group(3)), line
+            made = {int(v.split("=")[1]) for v in values}
+            assert says_yes == (need in made) == (i == len(lines) - 1), (line, values)
+            if says_yes:
+                assert f"{m.group(6)}{m.group(7)}{m.group(8)}={need}" in values, line
+            needs.append(line)
+        assert needs == goal.demonstration(ex).split("</think>")[0].split("\n"), demo
+    assert len(blocks) > 3  # searches of several lengths were checked
+
+
 def test_goal_demonstrations_need_three_numbers():
     with pytest.raises(ConfigError, match="three numbers"):
         CountdownTask(n_train=5, n_test=2, generate={"counts": [3, 4], "low": 1, "high": 12,

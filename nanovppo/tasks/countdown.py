@@ -38,7 +38,7 @@ from nanovppo.tasks.arith import InvalidEquation, evaluate
 from nanovppo.tasks.base import Reward, Task, load_records, shaping_weights, split_rows
 
 SHAPING = ("format", "numbers", "closeness")
-DEMONSTRATION_STYLES = ("direct", "search", "goal")
+DEMONSTRATION_STYLES = ("direct", "search", "goal", "checked")
 
 
 
@@ -103,17 +103,23 @@ def _pair_values(x: int, y: int) -> list[tuple[str, int]]:
     return out
 
 
-def _goal_search(nums: list[int], target: int) -> tuple[list[str], str] | None:
+def _goal_search(nums: list[int], target: int, checked: bool = False
+                 ) -> tuple[list[str], str] | None:
     """A search of three numbers that works back from the target: for each number z in
     turn and each way z can take part in the last step, the value the other two must make,
     then whether they make it. Returns the lines and the equation found, or None if no
-    equation of the form (x op y) op z (whole values) reaches the target."""
+    equation of the form (x op y) op z (whole values) reaches the target.
+
+    ``checked``: each number z's lines follow a line with everything the other two make in
+    one step ("3+6=9 6-3=3 3*6=18 6/3=2"), so that every verdict compares the value needed
+    with values written just above it."""
     lines, splits, written = [], set(), set()
     for i, z in enumerate(nums):
         x, y = (n for j, n in enumerate(nums) if j != i)
         if (z, min(x, y), max(x, y)) in splits:  # the same split again: nothing new
             continue
         splits.add((z, min(x, y), max(x, y)))
+        header = " ".join(f"{step}={v}" for step, v in _pair_values(x, y)) if checked else None
         t = target
         # the last step, how the other two's value v must follow, and the equation's shape
         ways = [(t - z, f"{t}-{z}", "{e} + " + str(z)),       # v + z = t
@@ -126,6 +132,9 @@ def _goal_search(nums: list[int], target: int) -> tuple[list[str], str] | None:
             if need is None or need < 0 or how in written:  # z = t: t-z is z-t, t/z is z/t
                 continue
             written.add(how)
+            if header is not None:  # the pair's values, once per z, before its first need
+                lines.append(header)
+                header = None
             hit = next((step for step, v in _pair_values(x, y) if v == need), None)
             if hit is None:
                 lines.append(f"{how}={need} no")
@@ -242,7 +251,7 @@ class CountdownTask(Task):
         demo = dict(demonstration)
         if set(demo) != {"style", "max_wrong_tries"} or demo["style"] not in DEMONSTRATION_STYLES \
                 or not (isinstance(demo["max_wrong_tries"], int) and demo["max_wrong_tries"] >= 0):
-            raise ConfigError("task.demonstration takes style (direct, search or goal) and "
+            raise ConfigError("task.demonstration takes style (direct, search, goal or checked) and "
                               f"max_wrong_tries (an integer >= 0); got {demo}")
         self.demo_style, self.max_wrong_tries = demo["style"], demo["max_wrong_tries"]
         self.seed = seed
@@ -254,9 +263,9 @@ class CountdownTask(Task):
                                   f"{', '.join(sorted(g)) or 'nothing'}")
             settings = {"counts": list(g["counts"]), "low": g["low"], "high": g["high"],
                         "max_target": g["max_target"]}
-            if self.demo_style == "goal" and settings["counts"] != [3]:
-                raise ConfigError("task.demonstration.style=goal writes searches over three "
-                                  f"numbers; task.generate.counts is {settings['counts']}: "
+            if self.demo_style in ("goal", "checked") and settings["counts"] != [3]:
+                raise ConfigError(f"task.demonstration.style={self.demo_style} writes searches "
+                                  f"over three numbers; task.generate.counts is {settings['counts']}: "
                                   "set it to [3] or choose style direct or search")
             self.train_examples, self.test_examples = generate_examples(
                 n_train, n_test, seed, counts=tuple(settings["counts"]), low=settings["low"],
@@ -326,6 +335,23 @@ class CountdownTask(Task):
         12-3=9 no
         12+3=15 no
         12/3=4: 6-2=4 yes</think> <answer>(6 - 2) * 3</answer>
+
+        ``checked``: the goal search with each number's lines preceded by what the other
+        two make in one step, so that a verdict compares numbers written side by side
+        rather than a value the model must work out unseen.
+
+        >>> task = load_task("countdown_small", n_train=1, n_test=1,
+        ...                  demonstration={"style": "checked", "max_wrong_tries": 0})
+        >>> print(task.demonstration(ex))
+        3+6=9 6-3=3 3*6=18 6/3=2
+        12-2=10 no
+        12+2=14 no
+        12/2=6 no
+        12*2=24 no
+        2+6=8 6-2=4 2*6=12 6/2=3
+        12-3=9 no
+        12+3=15 no
+        12/3=4: 6-2=4 yes</think> <answer>(6 - 2) * 3</answer>
         """
         if "solution" not in example:
             return None
@@ -333,9 +359,10 @@ class CountdownTask(Task):
         direct = ", ".join(example["steps"]) + answer
         if self.demo_style == "direct":
             return direct
-        if self.demo_style == "goal":
+        if self.demo_style in ("goal", "checked"):
             nums = list(example["nums"])
-            found = _goal_search(nums, example["target"]) if len(nums) == 3 else None
+            found = (_goal_search(nums, example["target"], checked=self.demo_style == "checked")
+                     if len(nums) == 3 else None)
             if found is None:
                 return direct
             lines, equation = found
