@@ -346,11 +346,12 @@ def test_checked_demonstrations_set_each_verdict_beside_the_values_it_compares()
     assert len(blocks) > 3  # searches of several lengths were checked
 
 
-def test_goal_demonstrations_need_three_numbers():
-    with pytest.raises(ConfigError, match="three numbers"):
+@pytest.mark.parametrize("style", ["goal", "checked"])
+def test_goal_demonstrations_need_three_numbers(style):
+    with pytest.raises(ConfigError, match=f"style={style} writes searches over three numbers"):
         CountdownTask(n_train=5, n_test=2, generate={"counts": [3, 4], "low": 1, "high": 12,
                                                      "max_target": 36},
-                      demonstration={"style": "goal", "max_wrong_tries": 0})
+                      demonstration={"style": style, "max_wrong_tries": 0})
 
 
 def test_goal_demonstrations_never_divide_by_zero():

@@ -251,8 +251,8 @@ class CountdownTask(Task):
         demo = dict(demonstration)
         if set(demo) != {"style", "max_wrong_tries"} or demo["style"] not in DEMONSTRATION_STYLES \
                 or not (isinstance(demo["max_wrong_tries"], int) and demo["max_wrong_tries"] >= 0):
-            raise ConfigError("task.demonstration takes style (direct, search, goal or checked) and "
-                              f"max_wrong_tries (an integer >= 0); got {demo}")
+            raise ConfigError("task.demonstration takes style (direct, search, goal or "
+                              f"checked) and max_wrong_tries (an integer >= 0); got {demo}")
         self.demo_style, self.max_wrong_tries = demo["style"], demo["max_wrong_tries"]
         self.seed = seed
         if source == "generate":
@@ -265,8 +265,9 @@ class CountdownTask(Task):
                         "max_target": g["max_target"]}
             if self.demo_style in ("goal", "checked") and settings["counts"] != [3]:
                 raise ConfigError(f"task.demonstration.style={self.demo_style} writes searches "
-                                  f"over three numbers; task.generate.counts is {settings['counts']}: "
-                                  "set it to [3] or choose style direct or search")
+                                  "over three numbers; task.generate.counts is "
+                                  f"{settings['counts']}: set it to [3] or choose style direct "
+                                  "or search")
             self.train_examples, self.test_examples = generate_examples(
                 n_train, n_test, seed, counts=tuple(settings["counts"]), low=settings["low"],
                 high=settings["high"], max_target=settings["max_target"])
