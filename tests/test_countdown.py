@@ -255,18 +255,22 @@ def test_search_demonstrations_compute_each_try_exactly_and_end_at_the_target():
     assert set(wrong) == {0, 1, 2, 3} and min(wrong.values()) > 40, wrong
 
 
+# What the goal and checked demonstration tests read: a step "a op b=c" of whole numbers,
+# each operator's exact value, and the problems both draw (3 numbers from 1-12).
+STEP = r"(\d+)([-+*/])(\d+)=(\d+)"
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+       "/": lambda a, b: Fraction(a, b)}
+GOAL_PROBLEMS = dict(n_train=300, n_test=10, seed=4, generate={"counts": [3], "low": 1,
+                     "high": 12, "max_target": 36})
+
+
 def test_goal_demonstrations_work_back_from_the_target_in_a_fixed_order():
     """A goal demonstration: lines "t op z=v no", then "t op z=v: x op y=v yes", then the
     equation. Each line's arithmetic holds and uses the target and one of the numbers; a
     "no" line's v is none of what the other two numbers make in one step (x+y, |x-y|, x*y,
     x/y when whole), the "yes" line's step makes v from exactly those two; no line comes
     twice, and the answer is correct."""
-    task = CountdownTask(n_train=300, n_test=10, seed=4, generate={"counts": [3], "low": 1,
-                         "high": 12, "max_target": 36},
-                         demonstration={"style": "goal", "max_wrong_tries": 0})
-    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-           "/": lambda a, b: Fraction(a, b)}
-    step = r"(\d+)([-+*/])(\d+)=(\d+)"
+    task = CountdownTask(**GOAL_PROBLEMS, demonstration={"style": "goal", "max_wrong_tries": 0})
     tries = Counter()
     for ex in task.train_examples:
         demo = task.demonstration(ex)
@@ -276,10 +280,10 @@ def test_goal_demonstrations_work_back_from_the_target_in_a_fixed_order():
         tries[len(lines) - 1] += 1
         for i, line in enumerate(lines):
             last = i == len(lines) - 1
-            m = re.fullmatch(rf"{step}(: {step})? (yes|no)", line)
+            m = re.fullmatch(rf"{STEP}(: {STEP})? (yes|no)", line)
             assert m and (m.group(10) == "yes") == last and bool(m.group(5)) == last, demo
             a, op, b, need = m.group(1), m.group(2), m.group(3), int(m.group(4))
-            assert ops[op](int(a), int(b)) == need, line
+            assert OPS[op](int(a), int(b)) == need, line
             assert str(ex["target"]) in (a, b), line
             z = int(b) if a == str(ex["target"]) else int(a)
             rest = list(ex["nums"])
@@ -292,7 +296,7 @@ def test_goal_demonstrations_work_back_from_the_target_in_a_fixed_order():
                 assert need not in made, (line, x, y)
             else:
                 p, q = int(m.group(6)), int(m.group(8))
-                assert sorted((p, q)) == sorted((x, y)) and ops[m.group(7)](p, q) == need, line
+                assert sorted((p, q)) == sorted((x, y)) and OPS[m.group(7)](p, q) == need, line
     # most problems are solved within a few lines, some need many
     assert tries[0] > 30 and max(tries) >= 6, tries
 
@@ -304,13 +308,9 @@ def test_checked_demonstrations_set_each_verdict_beside_the_values_it_compares()
     numbers; every need line "t op z=v" that follows says yes exactly when v is among the
     values on the line above its block, and only the last line says yes; dropping the value
     lines leaves the goal demonstration, and the answer is correct."""
-    setting = dict(n_train=300, n_test=10, seed=4, generate={"counts": [3], "low": 1,
-                   "high": 12, "max_target": 36})
-    checked = CountdownTask(**setting, demonstration={"style": "checked", "max_wrong_tries": 0})
-    goal = CountdownTask(**setting, demonstration={"style": "goal", "max_wrong_tries": 0})
-    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-           "/": lambda a, b: Fraction(a, b)}
-    step = r"(\d+)([-+*/])(\d+)=(\d+)"
+    checked = CountdownTask(**GOAL_PROBLEMS,
+                            demonstration={"style": "checked", "max_wrong_tries": 0})
+    goal = CountdownTask(**GOAL_PROBLEMS, demonstration={"style": "goal", "max_wrong_tries": 0})
     blocks = Counter()
     for ex in checked.train_examples:
         demo = checked.demonstration(ex)
@@ -319,7 +319,7 @@ def test_checked_demonstrations_set_each_verdict_beside_the_values_it_compares()
         needs, values = [], None
         for i, line in enumerate(lines):
             if "yes" not in line and "no" not in line:  # a value line
-                made = [re.fullmatch(step, part) for part in line.split(" ")]
+                made = [re.fullmatch(STEP, part) for part in line.split(" ")]
                 assert all(made) and 3 <= len(made) <= 4, line
                 pair = {(int(m.group(1)), int(m.group(3))) for m in made}
                 (x, y), = {tuple(sorted(p)) for p in pair}
@@ -328,17 +328,18 @@ def test_checked_demonstrations_set_each_verdict_beside_the_values_it_compares()
                     rest.remove(n)
                 z, = rest
                 assert [m.group(2) for m in made] == list("+-*/")[:len(made)], line
-                assert all(ops[m.group(2)](int(m.group(1)), int(m.group(3))) == int(m.group(4))
+                assert all(OPS[m.group(2)](int(m.group(1)), int(m.group(3))) == int(m.group(4))
                            for m in made), line
                 values = [m.group(0) for m in made]
                 blocks[len(lines)] += 1
                 continue
             assert values is not None, demo  # a value line comes first
-            m = re.fullmatch(rf"{step}(: {step})? (yes|no)", line)
+            m = re.fullmatch(rf"{STEP}(: {STEP})? (yes|no)", line)
+            assert m, line
             need, says_yes = int(m.group(4)), m.group(10) == "yes"
             assert str(z) in (m.group(1), m.group(3)), line
-            made = {int(v.split("=")[1]) for v in values}
-            assert says_yes == (need in made) == (i == len(lines) - 1), (line, values)
+            value_set = {int(v.split("=")[1]) for v in values}
+            assert says_yes == (need in value_set) == (i == len(lines) - 1), (line, values)
             if says_yes:
                 assert f"{m.group(6)}{m.group(7)}{m.group(8)}={need}" in values, line
             needs.append(line)

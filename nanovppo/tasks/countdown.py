@@ -119,7 +119,8 @@ def _goal_search(nums: list[int], target: int, checked: bool = False
         if (z, min(x, y), max(x, y)) in splits:  # the same split again: nothing new
             continue
         splits.add((z, min(x, y), max(x, y)))
-        header = " ".join(f"{step}={v}" for step, v in _pair_values(x, y)) if checked else None
+        pairs = _pair_values(x, y)
+        header = " ".join(f"{step}={v}" for step, v in pairs) if checked else None
         t = target
         # the last step, how the other two's value v must follow, and the equation's shape
         ways = [(t - z, f"{t}-{z}", "{e} + " + str(z)),       # v + z = t
@@ -135,7 +136,7 @@ def _goal_search(nums: list[int], target: int, checked: bool = False
             if header is not None:  # the pair's values, once per z, before its first need
                 lines.append(header)
                 header = None
-            hit = next((step for step, v in _pair_values(x, y) if v == need), None)
+            hit = next((step for step, v in pairs if v == need), None)
             if hit is None:
                 lines.append(f"{how}={need} no")
                 continue
