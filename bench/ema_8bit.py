@@ -1,8 +1,8 @@
 """What trainer.ema, trainer.optimizer=adamw8bit and bf16 weights cost on SmolLM2-135M, side
 by side in one process: the optimizer's state in bytes and the time of one optimizer step,
-for fp32 AdamW, bitsandbytes' 8-bit AdamW and the bf16 weights' stochastically rounded
-AdamW (hardware.param_dtype=bfloat16; its compiled step and the eager one it falls back
-to), and the EMA's update against that step.
+for fp32 AdamW, bitsandbytes' 8-bit AdamW and the bf16 weights' AdamW
+(hardware.param_dtype=bfloat16, with each hardware.bf16_rounding; its compiled step and
+the eager one it falls back to), and the EMA's update against that step.
 
     python bench/ema_8bit.py [--steps 5]
     python bench/ema_8bit.py --smoke       # the tiny random model, 1 step (the suite)
@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from nanovppo.config import CONF_DIR
 from nanovppo.ema import EMA
 from nanovppo.models import load_model
-from nanovppo.optim import StochasticAdamW, adamw
+from nanovppo.optim import Bf16AdamW, adamw
 
 
 def state_bytes(opt) -> int:
@@ -65,12 +65,13 @@ def main() -> None:
     bf16 = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in params]
     for p, q in zip(bf16, params):
         p.grad = q.grad.to(torch.bfloat16)
-    for compiled in (True, False):
-        opt = StochasticAdamW(bf16, lr=1e-6, compiled=compiled)
-        step_s = median_seconds(opt.step, args.steps)
-        rows[f"adamw, bf16 weights, {'compiled' if compiled else 'eager'}"] = (
-            state_bytes(opt), step_s)
-        del opt
+    for rounding in ("kahan", "stochastic"):
+        for compiled in (True, False):
+            opt = Bf16AdamW(bf16, lr=1e-6, rounding=rounding, compiled=compiled)
+            step_s = median_seconds(opt.step, args.steps)
+            rows[f"adamw, bf16 {rounding}, {'compiled' if compiled else 'eager'}"] = (
+                state_bytes(opt), step_s)
+            del opt
     ema = EMA(model, 0.99)
     ema_s = median_seconds(ema.update, args.steps)
     base_bytes, base_s = rows["adamw"]

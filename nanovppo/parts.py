@@ -178,7 +178,7 @@ def _optimizer(cfg, algo, model, policy):
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=algo.lr,
                       betas=tuple(cfg.trainer.adam_betas),
                       weight_decay=cfg.trainer.weight_decay, seed=cfg.seed,
-                      kind=cfg.trainer.optimizer)
+                      kind=cfg.trainer.optimizer, bf16_rounding=cfg.hardware.bf16_rounding)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(
         cfg.trainer.warmup_steps, cfg.trainer.max_steps, cfg.trainer.lr_schedule))
     ema = None

@@ -127,6 +127,7 @@ RULES: dict[str, Rule] = {
     "hardware.name": TEXT,
     "hardware.device": choice("cpu", "cuda"),
     "hardware.param_dtype": choice("float32", "bfloat16", "fp32", "bf16"),
+    "hardware.bf16_rounding": choice("kahan", "stochastic"),
     "hardware.compute_dtype": DTYPE,
     "hardware.threads": optional(integer(1)),
     "hardware.strategy": choice("ddp", "fsdp2"),

@@ -66,7 +66,7 @@ def warm_start(cfg, task, tokenizer, model, tracker, d: dd.Dist, stop: threading
                  "problems' own", ws.steps, ws.batch_size, len(pairs))
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=ws.lr, betas=tuple(cfg.trainer.adam_betas),
                       weight_decay=cfg.trainer.weight_decay, seed=cfg.seed + 1,
-                      kind=cfg.trainer.optimizer)
+                      kind=cfg.trainer.optimizer, bf16_rounding=cfg.hardware.bf16_rounding)
     algo = _sft()
     losses = []
     t0 = time.perf_counter()

@@ -153,9 +153,10 @@ def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_the_run_resume
 
 
 def test_bf16_weights_with_checkpointed_layers_train_and_resume(tmp_path, monkeypatch):
-    """hardware.param_dtype=bfloat16: weights and AdamW moments in bf16 (stochastic
-    rounding), here with activation checkpointing and low_memory; the run trains, saves and
-    resumes. (A
+    """hardware.param_dtype=bfloat16: weights and AdamW moments in bf16 (updates written
+    back with Kahan's compensation, the default hardware.bf16_rounding, whose buffers the
+    checkpoint carries), here with activation checkpointing and low_memory; the run
+    trains, saves and resumes. (A
     length bonus gives the random model's completions different rewards, so gradients.)"""
     import torch
 
@@ -169,6 +170,9 @@ def test_bf16_weights_with_checkpointed_layers_train_and_resume(tmp_path, monkey
     moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
     assert moments and all(m.dtype == torch.bfloat16 for m in moments)
     assert any(m.abs().max() > 0 for m in moments)
+    buffers = [s["compensation"] for s in state["optimizer"]["state"].values()]
+    assert len(buffers) == len(moments) and all(b.dtype == torch.bfloat16 for b in buffers)
+    assert any(b.abs().max() > 0 for b in buffers)
     run_cli(tmp_path, f"resume={run_dir}", "trainer.max_steps=3", *hw)
     c, runs = only_run(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

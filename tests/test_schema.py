@@ -59,6 +59,7 @@ BAD = {
     "hardware.name": None,
     "hardware.device": "tpu",
     "hardware.param_dtype": "float16",
+    "hardware.bf16_rounding": "nearest",
     "hardware.compute_dtype": "int8",
     "hardware.threads": 0,
     "hardware.strategy": "zero3",
