@@ -16,8 +16,9 @@ in fp32 and written back in one of two ways (``hardware.bf16_rounding``):
   share of the gap, so the weight equals its fp32 value in expectation; no extra memory.
   At lr 1e-5 a typical weight then moves a whole bf16 step (~50x the update) on ~2% of
   steps: the expected update is right, but the noise around it is ~7x the update at each
-  step, and after 10 RL steps the weights had moved 5x as far from the RL start as fp32
-  AdamW moved them (docs/results.md, "bf16 weights: rounding noise").
+  step, and after 10 RL steps the weights had moved ~11x as far from the RL start as
+  fp32 AdamW or Kahan's compensation moved them (docs/results.md, "bf16 weights: rounding
+  noise").
 
 The moments are stored rounded to nearest: each step moves them by a sizeable fraction of
 themselves (10% and 1% of the distance to the new gradient), and an Adam step only needs
