@@ -213,8 +213,10 @@ class Bf16AdamW(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                    if self.rounding == "kahan" and p.dtype == torch.bfloat16:
-                        state["compensation"] = torch.zeros_like(p)
+                kahan = self.rounding == "kahan" and p.dtype == torch.bfloat16
+                if kahan and "compensation" not in state:
+                    # New, or a state saved under stochastic rounding: nothing was dropped.
+                    state["compensation"] = torch.zeros_like(p)
                 state["step"] += 1
                 t = int(state["step"].item())
                 bc1, root_bc2 = 1 - b1 ** t, math.sqrt(1 - b2 ** t)
@@ -224,8 +226,8 @@ class Bf16AdamW(torch.optim.Optimizer):
                 # detach: a Parameter would be compiled for its exact size.
                 tensors = [local_shard(x).detach() for x in
                            (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
-                comp = state.get("compensation")
-                comp = None if comp is None else local_shard(comp).detach()
+                # A buffer saved under kahan and resumed under stochastic is left unused.
+                comp = local_shard(state["compensation"]).detach() if kahan else None
                 device = tensors[0].device
                 key = torch.tensor(self._key(t, index), device=device)
                 self._update(*tensors, comp, hyper.to(device), key)

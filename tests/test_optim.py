@@ -131,6 +131,34 @@ def test_state_dict_round_trip_resumes_bit_for_bit(rounding):
     assert ("compensation" in opt_c.state[c]) == (rounding == "kahan")
 
 
+def test_a_state_saved_under_one_rounding_resumes_under_the_other():
+    """hardware.bf16_rounding changed between a run and its resume: a stochastic state gets
+    a zero Kahan buffer (nothing was dropped yet) and then rounds as Kahan does; a Kahan
+    state resumed under stochastic rounding leaves its buffer unused. After 20 further
+    steps of 1e-5 on weights near 0.05 (bf16 step 2.44e-4), the resumed Kahan weights hold
+    the whole 2e-4 of the 20 steps (weight plus buffer) to within 1e-6."""
+    torch.manual_seed(0)
+    init = (0.05 + 0.005 * torch.rand(1000)).to(torch.bfloat16)
+    target = init.float() - 1.0
+    a = init.clone().requires_grad_()
+    opt_a = Bf16AdamW([a], lr=1e-5, seed=7, rounding="stochastic")
+    _train(a, opt_a, 3, target)
+    b = a.detach().clone().requires_grad_()
+    opt_b = Bf16AdamW([b], lr=1e-5, seed=7, rounding="kahan")
+    opt_b.load_state_dict(opt_a.state_dict())
+    start = b.detach().float().clone()
+    _train(b, opt_b, 20, target)
+    carried = b.detach().float() + opt_b.state[b]["compensation"].float()
+    assert (carried - start + 20 * 1e-5).abs().max().item() < 1e-6
+    c = b.detach().clone().requires_grad_()
+    opt_c = Bf16AdamW([c], lr=1e-5, seed=7, rounding="stochastic")
+    opt_c.load_state_dict(opt_b.state_dict())
+    buffer = opt_c.state[c]["compensation"].clone()
+    _train(c, opt_c, 2, target)
+    assert torch.equal(opt_c.state[c]["compensation"], buffer)
+    assert (c.detach() != b.detach()).any()  # rounded stochastically: some weights jumped
+
+
 def test_the_compiled_step_is_one_kernel_for_all_sizes_and_learning_rates():
     """Matrices of two sizes, a vector, a learning rate that changes every step: the step
     is compiled twice, once per number of dimensions (a third compile raises here, and the
