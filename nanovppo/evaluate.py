@@ -158,8 +158,10 @@ def load_with_adapters(model_cfg: DictConfig, adapters: str | None, dtype: str):
     return model, tok
 
 
-def evaluate_model(cfg: DictConfig) -> dict:
-    """Sample ``eval.n`` completions per test example and compute the metrics."""
+def evaluate_model(cfg: DictConfig, select=None) -> dict:
+    """Sample ``eval.n`` completions per test example and compute the metrics.
+    ``select``, a function of the task, picks other examples to evaluate instead (e.g.
+    training problems: bench/seen_unseen.py)."""
     e = cfg.eval
     if e.n > 1 and e.temperature == 0:
         raise ConfigError("eval.n > 1 needs eval.temperature > 0 (greedy samples are identical)")
@@ -176,7 +178,10 @@ def evaluate_model(cfg: DictConfig) -> dict:
                     e.max_new_tokens, len(task.test_examples))
     engine = build(cfg.inference_backend, "inference_backend", model=model, tokenizer=tok, seed=cfg.seed,
                          _convert_="partial")
-    examples = task.test_examples[: e.examples] if e.examples else task.test_examples
+    if select is not None:
+        examples = select(task)
+    else:
+        examples = task.test_examples[: e.examples] if e.examples else task.test_examples
     if not examples:
         raise ConfigError(f"task {task.name} has no test examples")
     sampling = Sampling(n=e.n, temperature=e.temperature, top_p=e.top_p,

@@ -32,6 +32,7 @@ SMOKE = {
     "model_load.py": (["--smoke"], "second load"),
     "run_table.py": (["--tracking-uri", "{store}"], "wall min"),
     "same_seed.py": (["--smoke"], "metrics,"),
+    "seen_unseen.py": (["--smoke"], "greedy acc"),
     "sync_gap.py": (["--engines", "hf", "--probes", "2", TINY_MODEL], "hf"),
     "trl_compare.py": (["--smoke"], "samples with gradient"),
     "vppo_prefix_reuse.py": (["--smoke"], "speedup"),
