@@ -60,38 +60,55 @@ def band(curves: list[tuple[np.ndarray, np.ndarray]]):
     return np.array(common), table.mean(0), table.min(0), table.max(0)
 
 
-def draw(data, metrics: list[str], group_by: str, out: Path, title: str | None,
-         x: str = "step") -> Path:
+def figure(data, metrics: list[str], group_by: str, title: str | None, x: str = "step"):
+    """The matplotlib figure: one panel a metric; a group keeps its colour in every panel,
+    and against minutes the runs of a group are told apart by line style, given in the
+    order of their names (so that e.g. the seed-1 runs of two groups share a style)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = {group: f"C{i}" for i, group in enumerate(sorted(data))}
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
+    legend = {}  # label -> handle, over all panels
     for ax, metric in zip(axes[0], metrics):
         for group in sorted(data):
             curves = data[group].get(metric)
             if not curves:
                 continue
             if x == "minutes":  # runs of one group do not share times: one line each
-                colour = None
-                for i, (xs, values, name) in enumerate(curves):
-                    line, = ax.plot(xs, values, marker="o", markersize=3, color=colour,
+                for i, (xs, values, name) in enumerate(sorted(curves, key=lambda c: c[2])):
+                    line, = ax.plot(xs, values, marker="o", markersize=3 if len(xs) > 1 else 7,
+                                    color=colours[group],
                                     linestyle=("-", "--", ":", "-.")[i % 4],
                                     label=f"{group_by}={group}: {name}")
-                    colour = line.get_color()
+                    legend.setdefault(line.get_label(), line)
                 continue
             steps, mean, lo, hi = band(curves)
-            line, = ax.plot(steps, mean, label=f"{group_by}={group} (n={len(curves)})")
+            line, = ax.plot(steps, mean, color=colours[group],
+                            label=f"{group_by}={group} (n={len(curves)})")
+            legend.setdefault(line.get_label(), line)
             if len(curves) > 1:
-                ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
+                ax.fill_between(steps, lo, hi, color=colours[group], alpha=0.2)
         ax.set_title(metric)
         ax.set_xlabel("minutes since the run started" if x == "minutes" else "step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    # one legend for all panels, below them, so that it hides no curve
+    rows = -(-len(legend) // 2)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=2, fontsize=8,
+               frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07 * rows, 1, 1))
+    return fig
+
+
+def draw(data, metrics: list[str], group_by: str, out: Path, title: str | None,
+         x: str = "step") -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = figure(data, metrics, group_by, title, x)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -76,3 +76,28 @@ def test_group_by_a_tag_against_minutes_keeps_controls_and_drops_evaluations(tmp
     out = main(["--tracking-uri", uri, "--experiment", "lc", "--group-by", "nanovppo.kind",
                 "--x", "minutes", "--metrics", "eval/accuracy", "--out", str(tmp_path / "m.png")])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_group_keeps_its_colour_and_a_run_its_style_by_name():
+    """Against minutes: each group one colour in every panel, and runs styled in the order
+    of their names, whatever order MLflow returned them in (the seed-0 runs of both groups
+    solid, the seed-1 runs dashed); one legend for the figure, an entry per run."""
+    import matplotlib.pyplot as plt
+
+    from nanovppo.plot import figure
+
+    xs, ys = np.array([1.0, 2.0]), np.array([0.1, 0.2])
+    data = {"train": {"acc": [(xs, ys, "rl-seed1"), (xs, ys, "rl-seed0")],
+                      "reward": [(xs, ys, "rl-seed0"), (xs, ys, "rl-seed1")]},
+            "control": {"acc": [(xs[:1], ys[:1], "control-seed0"), (xs[:1], ys[:1], "control-seed1")]}}
+    fig = figure(data, ["acc", "reward"], "kind", None, x="minutes")
+    lines = {(ax.get_title(), line.get_label()): line for ax in fig.axes for line in ax.get_lines()}
+    colour = lambda panel, label: lines[(panel, label)].get_color()  # noqa: E731
+    assert colour("acc", "kind=train: rl-seed0") == colour("reward", "kind=train: rl-seed1")
+    assert colour("acc", "kind=train: rl-seed0") != colour("acc", "kind=control: control-seed0")
+    styles = {label: line.get_linestyle() for (_, label), line in lines.items()}
+    assert styles["kind=train: rl-seed0"] == styles["kind=control: control-seed0"] == "-"
+    assert styles["kind=train: rl-seed1"] == styles["kind=control: control-seed1"] == "--"
+    [legend] = fig.legends
+    assert len(legend.get_texts()) == 4
+    plt.close(fig)
