@@ -20,6 +20,7 @@ class NoPushVLLMEngine(VLLMEngine):
         self.started = False
         super().__init__(*args, **kwargs)
         self.started = True
+        self._pushed = set()  # it writes no weight, so sleeping releases none (KV cache only)
 
     def update_weights(self, named_tensors) -> None:
         if not self.started:

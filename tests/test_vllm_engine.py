@@ -126,26 +126,34 @@ def rss_bytes() -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise: Linux only")
-def test_sleep_on_a_cpu_hands_the_kv_cache_back_and_wakes_with_the_same_outputs(engine):
-    """On a CPU vLLM has no sleep mode; the engine's sleep releases the KV cache's pages
-    (0.5 GiB, all resident since vLLM zero-fills it at the start), so the update's peak
-    does not hold them. After waking, a prompt whose blocks were cached before the sleep
-    must not read the released (now zero) blocks: same greedy tokens, same log-probs."""
+def test_sleep_on_a_cpu_hands_back_the_kv_cache_and_weights_until_the_next_push(policy, engine):
+    """On a CPU vLLM has no sleep mode; the engine's sleep releases the pages of its KV
+    cache (0.5 GiB, all resident since vLLM zero-fills it at the start) and of the weights
+    the last push wrote, so the update's peak does not hold them. Until the next push it
+    refuses to sample; after it, a prompt whose blocks were cached before the sleep must
+    not read the released (now zero) blocks: same greedy tokens, same log-probs."""
+    model, _ = policy
     prompt = [(7 * i) % 500 + 3 for i in range(100)]  # three whole 32-token blocks cached
     greedy = Sampling(n=1, temperature=0.0, max_new_tokens=8)
     before = engine.generate([prompt] + PROMPTS, greedy)
-    [storages] = engine.llm.apply_model(  # the layers' caches may share one allocation
-        lambda m: {layer.kv_cache.untyped_storage().data_ptr():
-                   layer.kv_cache.untyped_storage().nbytes() for layer in m.modules()
-                   if isinstance(getattr(layer, "kv_cache", None), torch.Tensor)})
-    cache_bytes = sum(storages.values())
-    assert cache_bytes >= 0.49 * 2 ** 30
+
+    def sizes(m):  # the layers' caches may share one allocation
+        caches = {layer.kv_cache.untyped_storage().data_ptr():
+                  layer.kv_cache.untyped_storage().nbytes() for layer in m.modules()
+                  if isinstance(getattr(layer, "kv_cache", None), torch.Tensor)}
+        return sum(caches.values()), sum(p.nbytes for p in m.parameters())
+
+    [(cache_bytes, weight_bytes)] = engine.llm.apply_model(sizes)
+    assert cache_bytes >= 0.49 * 2 ** 30 and weight_bytes > 10 * 2 ** 20
     rss = rss_bytes()
     engine.sleep()
     released = rss - rss_bytes()
     engine.sleep()  # a second call does nothing
-    assert released > 0.9 * cache_bytes, (released, cache_bytes)
+    assert released > 0.9 * (cache_bytes + weight_bytes), (released, cache_bytes, weight_bytes)
     engine.wake_up()
+    with pytest.raises(RuntimeError, match="push the policy's weights"):
+        engine.generate(PROMPTS, greedy)
+    engine.update_weights(model.named_parameters())
     after = engine.generate([prompt] + PROMPTS, greedy)
     assert [c.token_ids for g in after for c in g] == [c.token_ids for g in before for c in g]
     for g, h in zip(before, after):

