@@ -63,7 +63,9 @@ class MicroBatch(NamedTuple):
     mask: torch.Tensor                  # 1 on tokens that carry loss
     old_logp: torch.Tensor | None       # the sampling policy's (None: the current, detached)
     ref_logp: torch.Tensor | None       # the KL reference's (None: no KL term)
-    engine_logp: torch.Tensor | None    # the engine's (None if any sample lacks them)
+    engine_logp: torch.Tensor | None    # the engine's (None if no sample has them)
+    engine_rows: torch.Tensor | None    # [b, 1] 1 on rows the engine sampled (a task's
+    #                                     demonstration was not: algo.demonstrations)
 
 
 @dataclass
@@ -121,9 +123,10 @@ class TrainBatch:
         """The rows' tensors, cut to their longest completion (see ``MicroBatch``)."""
         width = max([1] + [len(self.completion_ids[i]) for i in rows])
         cut = lambda t: None if t is None else t[rows, :width]  # noqa: E731
-        engine = cut(self.engine_logp) if rows and all(self.has_engine[i] for i in rows) else None
+        has = torch.tensor([[float(self.has_engine[i])] for i in rows])       # [b, 1]
+        engine = cut(self.engine_logp) if rows and has.any() else None
         return MicroBatch(cut(self.advantages), cut(self.mask), cut(self.old_logp),
-                          cut(self.ref_logp), engine)
+                          cut(self.ref_logp), engine, has if engine is not None else None)
 
 
 def split_groups(groups: list[int], parts: int, rng: random.Random,

@@ -68,6 +68,22 @@ def score(task, examples: list[dict], prompts: list[list[int]],
                     correct.reshape(len(groups), n), shaping)
 
 
+def with_demonstrations(ro: Rollouts, task, tokenizer) -> Rollouts:
+    """``ro`` with one more member in each group: the task's demonstration of its prompt,
+    tokenised as the warm start tokenises it and scored by the task like a sample. It was
+    not sampled, so it has no engine log-probs."""
+    write = getattr(task, "demonstration", None)
+    demos = [write(ex) if write else None for ex in ro.examples]
+    if any(d is None for d in demos):
+        raise ConfigError(f"algo.demonstrations=true, but task {task.name!r} has no "
+                          "demonstration for some training problems (Countdown writes them "
+                          "for the problems it generates: task.source=generate)")
+    groups = [g + [Completion(token_ids=tokenizer(d, add_special_tokens=False).input_ids,
+                              text=d, finish_reason="stop", logprobs=None, prompt_ids=list(p))]
+              for g, d, p in zip(ro.groups, demos, ro.prompts)]
+    return score(task, ro.examples, ro.prompts, groups)
+
+
 def render_prompt(task, tokenizer, example: dict) -> list[int]:
     """Token ids of the prompt, ending with the task's assistant prefill: the chat template
     over ``task.messages``, or the task's plain text (with the tokenizer's BOS) for a model

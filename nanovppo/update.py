@@ -168,13 +168,17 @@ def _micro_step(model, batch: TrainBatch, rows: list[int], algo, cfg, pad_id, te
     # then the two are not comparable, and neither the mismatch nor a correction is made.
     comparable = temperature == float(cfg.rollout.temperature)
     if t.engine_logp is not None and comparable:
+        # A row the engine did not sample (a demonstration) counts as sampled by the
+        # current policy: no mismatch measured, a correction weight of 1.
+        engine_logp = torch.where(t.engine_rows.bool(), t.engine_logp, old_logp)
         if epoch == 0:  # how far the sampler is from the trainer
-            m = mismatch_stats(old_logp, t.engine_logp, t.mask)
+            sampled = t.mask * t.engine_rows
+            m = mismatch_stats(old_logp, engine_logp, sampled)
             acc.totals["mismatch_k3_tokens"] += m["mismatch_k3_tokens"]
-            acc.totals["engine_tokens"] += t.mask.sum().item()
+            acc.totals["engine_tokens"] += sampled.sum().item()
             acc.mismatch_max = max(acc.mismatch_max, m["mismatch_max_abs"])
         if correction:
-            weight, touched = rollout_correction(old_logp, t.engine_logp, t.mask, **correction)
+            weight, touched = rollout_correction(old_logp, engine_logp, t.mask, **correction)
             acc.totals["corrected_tokens"] += touched if epoch == 0 else 0.0
     with no_autocast(cfg):  # the loss and its backward in fp32
         loss, stats = algo.loss(LossBatch(logp, old_logp, t.ref_logp, t.advantages, t.mask,

@@ -149,3 +149,41 @@ def test_dynamic_sampling_refills_with_informative_groups():
     src.more = lambda k: rollouts("R:", ["zz", "zz"])
     samples, m = algo.make_samples(ro, src)
     assert m["train/extra_rollout_batches"] == 3 and all(s.advantage == 0 for s in samples)
+
+
+def test_demonstrations_join_each_group_with_a_group_relative_advantage(tiny):
+    """``algo.demonstrations``: the default task's demonstration of each prompt becomes one
+    more member of its group, scored by the task (correct: reward 1; the default pays
+    correctness only) and tokenised as the warm start does. A group of two wrong samples
+    (reward 0) and its demonstration has rewards [0, 0, 1]: mean 1/3, std sqrt(1/3)
+    (Bessel: ((1/9 + 1/9 + 4/9) / 2) ** 0.5), so the samples get -(1/3) / sqrt(1/3) =
+    -0.5774 and the demonstration (2/3) / sqrt(1/3) = 1.1547. Without the option, every
+    advantage is 0 and nothing else joins."""
+    from nanovppo.config import build
+    from nanovppo.engines.base import Completion, Sampling
+    from nanovppo.rollout import RolloutSource, render_prompt, score
+    from tests.conftest import compose_cfg
+
+    _, tok = tiny
+    task = build(compose_cfg(["experiment=countdown_cpu", "task.n_train=2",
+                              "task.n_test=1"]).task, "task")
+    examples = task.train_examples[:2]
+    prompts = [render_prompt(task, tok, ex) for ex in examples]
+    wrong = [[Completion([5, 6], "no idea", "stop", [-1.0, -1.0], p)] * 2 for p in prompts]
+    ro = score(task, examples, prompts, wrong)
+    src = RolloutSource(task, tok, None, Sampling(n=2, temperature=1.0, max_new_tokens=48))
+
+    plain, _ = make_algo("grpo").make_samples(ro, src)
+    assert len(plain) == 4 and all(s.advantage == 0 for s in plain)
+
+    samples, _ = make_algo("grpo", demonstrations=True).make_samples(ro, src)
+    assert [s.group for s in samples] == [0, 0, 0, 1, 1, 1]
+    for g, ex in enumerate(examples):
+        *sampled, demo = samples[3 * g:3 * g + 3]
+        assert demo.completion_ids == tok(task.demonstration(ex), add_special_tokens=False).input_ids
+        assert demo.prompt_ids == prompts[g] and demo.reward == 1.0
+        assert demo.engine_logprobs is None and not demo.truncated
+        assert demo.advantage == pytest.approx(1.1547, abs=1e-4)
+        assert [s.advantage for s in sampled] == pytest.approx([-0.5774] * 2, abs=1e-4)
+    with pytest.raises(ValueError, match="demonstrations"):
+        make_algo("grpo", demonstrations="yes")

@@ -60,7 +60,9 @@ def test_the_train_batch_holds_each_sample_as_a_row():
                                                                    [True, False])
     first = batch.micro([0])  # cut to its own length, with its engine log-probs
     assert first.advantages.tolist() == [[0.5, 0.5]] and first.engine_logp.tolist() == [[-1, -2]]
-    assert batch.micro([0, 1]).engine_logp is None  # one row has none
+    both = batch.micro([0, 1])  # one row has none (a demonstration, say): marked as such
+    assert both.engine_logp[0].tolist() == [-1, -2, 0] and both.engine_rows.tolist() == [[1], [0]]
+    assert batch.micro([1]).engine_logp is None and batch.micro([1]).engine_rows is None
 
 
 def test_lr_schedules():

@@ -25,7 +25,7 @@ import torch
 from nanovppo.algos.pg import PolicyGradient
 from nanovppo.distributed import global_sums
 from nanovppo.errors import ConfigError
-from nanovppo.rollout import Rollouts, Sample
+from nanovppo.rollout import Rollouts, Sample, with_demonstrations
 
 ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 
@@ -116,6 +116,7 @@ class GRPO(PolicyGradient):
     max_extra_batches: int
     overlong_buffer: int
     overlong_penalty: float
+    demonstrations: bool
 
     def __post_init__(self):
         super().__post_init__()
@@ -131,6 +132,9 @@ class GRPO(PolicyGradient):
         if self.kl_in_reward and self.estimator != "reinforce_pp":
             raise ConfigError("algo.kl_in_reward folds the KL into REINFORCE++'s per-token "
                               "returns; use it with algo.estimator=reinforce_pp")
+        if not isinstance(self.demonstrations, bool):
+            raise ConfigError(f"algo.demonstrations={self.demonstrations!r}: must be true or "
+                              "false")
         if self.dynamic_sampling and single:
             raise ConfigError("algo.dynamic_sampling filters groups, and REINFORCE++ has "
                               "one sample per prompt")
@@ -163,6 +167,8 @@ class GRPO(PolicyGradient):
         metrics = {}
         if self.dynamic_sampling:
             ro, metrics = self._dynamic_sampling(ro, source)
+        if self.demonstrations:  # [G, n] -> [G, n + 1]: the demonstration joins each group
+            ro = with_demonstrations(ro, source.task, source.tokenizer)
         rewards = self.shaped_rewards(ro, source.sampling.max_new_tokens)     # [G, n]
         adv = self.advantages(rewards)                                       # [G, n]
         samples = [Sample(c.prompt_ids, c.token_ids, adv[g, j].item(), rewards[g, j].item(),
