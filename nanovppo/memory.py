@@ -71,8 +71,8 @@ def release_pages(tensors) -> int:
     """Hand the pages of these CPU tensors' memory back to the operating system
     (``madvise(MADV_DONTNEED)``) while keeping the tensors: the whole pages inside each
     storage then read as zeros and come back, zeroed, when next written. For buffers whose
-    contents are not needed until they are written again (an engine's KV cache during the
-    update). Returns the bytes released; 0 where the C library is not glibc."""
+    contents are not needed until they are written again (an engine's KV cache and weights
+    during the update). Returns the bytes released; 0 where the C library is not glibc."""
     if _LIBC is None:
         return 0
     page, released, seen = mmap.PAGESIZE, 0, set()
