@@ -16,6 +16,7 @@ from nanovppo.models import load_model  # noqa: E402
 from tests.conftest import compose_cfg, make_engine  # noqa: E402
 from tests.test_cli import ROOT  # noqa: E402
 from tests.test_logprobs import naive_logprobs  # noqa: E402
+from tests.test_memory import rss_mb  # noqa: E402
 
 # vLLM's CPU attention needs a head size of at least 32: the tiny model's two heads of 32.
 VLLM_TINY = ["model=tiny-random"]
@@ -120,11 +121,6 @@ def test_after_a_weight_update_logprobs_match_the_trainers_forward(policy, engin
     engine.update_weights(model.named_parameters())  # back, for the other tests
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise: Linux only")
 def test_sleep_on_a_cpu_hands_back_the_kv_cache_and_weights_until_the_next_push(policy, engine):
     """On a CPU vLLM has no sleep mode; the engine's sleep releases the pages of its KV
@@ -145,9 +141,9 @@ def test_sleep_on_a_cpu_hands_back_the_kv_cache_and_weights_until_the_next_push(
 
     [(cache_bytes, weight_bytes)] = engine.llm.apply_model(sizes)
     assert cache_bytes >= 0.49 * 2 ** 30 and weight_bytes > 10 * 2 ** 20
-    rss = rss_bytes()
+    rss = rss_mb()
     engine.sleep()
-    released = rss - rss_bytes()
+    released = (rss - rss_mb()) * 2 ** 20
     engine.sleep()  # a second call does nothing
     assert released > 0.9 * (cache_bytes + weight_bytes), (released, cache_bytes, weight_bytes)
     engine.wake_up()
