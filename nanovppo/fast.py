@@ -8,10 +8,12 @@ never read the switch themselves:
 =========================  =========================================  ======================
 question                   fast                                       plain
 =========================  =========================================  ======================
-``logprob_module``         a prompt run once for its group, only      full-vocabulary
-                           completion tokens scored, in chunks; in    log-softmax over each
-                           one process the backward in two phases     sequence on its own
-                           and a sparse tied-embedding gradient
+``logprob_module``         in one process, one pass over the real     full-vocabulary
+                           tokens of prompts and completions          log-softmax over each
+                           (``packed``) and a sparse tied-embedding   sequence on its own
+                           gradient; else a prompt run once for its
+                           group; only completion tokens scored, in
+                           chunks
 ``needs_old_logprobs``     no forward when the policy has not moved   a forward of its own
                            since sampling (one epoch, one minibatch)
 ``trains``                 only rows that carry a gradient            every row
@@ -32,9 +34,10 @@ import contextlib
 
 import torch
 
-from nanovppo import memory
+from nanovppo import memory, packed
 from nanovppo.head import reuse_head_cast, sparse_tied_embedding_grads
 from nanovppo.logprobs import GroupLogprobs, PlainLogprobs
+from nanovppo.packed import PackedLogprobs
 from nanovppo.models import autocast_ctx
 
 
@@ -43,9 +46,12 @@ def logprob_module(policy, fast: bool, one_process: bool) -> torch.nn.Module:
     wraps it, not the policy, in DDP or FSDP2)."""
     if not fast:
         return PlainLogprobs(policy)
-    if one_process:  # sparse tied-embedding grads and the two-phase backward: one process only
-        sparse_tied_embedding_grads(policy)
-    return GroupLogprobs(policy, split_backward=one_process)
+    if not one_process:  # FSDP2 gathers a layer's weights in that layer's own forward
+        return GroupLogprobs(policy)
+    sparse_tied_embedding_grads(policy)  # a sparse gradient: one process only
+    if packed.supports(policy):
+        return PackedLogprobs(policy)
+    return GroupLogprobs(policy, split_backward=True)
 
 
 def needs_old_logprobs(algo, cfg) -> bool:

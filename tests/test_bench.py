@@ -30,6 +30,7 @@ SMOKE = {
     "mismatch.py": (["--engines", "hf", "--prompts", "2", "--new-tokens", "4", TINY_MODEL],
                     "hf"),
     "model_load.py": (["--smoke"], "second load"),
+    "one_pass.py": (["--smoke"], "| one pass |"),
     "run_table.py": (["--tracking-uri", "{store}"], "wall min"),
     "same_seed.py": (["--smoke"], "metrics,"),
     "seen_unseen.py": (["--smoke"], "greedy acc"),

@@ -94,7 +94,8 @@ def test_an_unknown_attention_kernel_is_a_config_error(tiny):
     assert model.config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("checkpointed,split", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("checkpointed,split", [(False, False), (True, False), (True, True),
+                                               (False, "packed"), (True, "packed")])
 def test_one_autocast_region_per_minibatch_gives_the_per_micro_batch_gradients(tiny,
                                                                                checkpointed,
                                                                                split):
@@ -110,12 +111,14 @@ def test_one_autocast_region_per_minibatch_gives_the_per_micro_batch_gradients(t
     from nanovppo.distributed import decoder_layers
     from nanovppo.logprobs import GroupLogprobs, checkpoint_layers, pad_groups
     from nanovppo.models import autocast_ctx, no_autocast
+    from nanovppo.packed import PackedLogprobs
 
     model, tok = tiny
     model = copy.deepcopy(model).train()
     if checkpointed:
         checkpoint_layers(model, decoder_layers(model))
-    module = GroupLogprobs(model, split_backward=split)
+    module = (PackedLogprobs(model) if split == "packed"
+              else GroupLogprobs(model, split_backward=split))
     cfg = compose_cfg(["model=tiny-random"])
     batches = [pad_groups([[5, 6, 7]], [[[8, 9], [10]]], tok.pad_token_id),
                pad_groups([[11, 12]], [[[13, 14, 15], [16, 17]]], tok.pad_token_id)]

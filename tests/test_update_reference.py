@@ -1,9 +1,9 @@
 """The trainer's update against a deliberately plain one written here.
 
-The production path (``nanovppo.update.update``, ``trainer.fast=true``) shares each prompt with its group, scores
-only real completion tokens in chunks through one autograd function, keeps the head's
-cast for a minibatch, gives the tied embedding a sparse gradient, runs the backward in two
-phases, reuses the current log-probs as the old ones when it can and accumulates
+The production path (``nanovppo.update.update``, ``trainer.fast=true``) runs the real tokens
+of prompts and completions in one pass (each prompt once for its group), scores only real
+completion tokens in chunks through one autograd function, keeps the head's cast for a
+minibatch, gives the tied embedding a sparse gradient, reuses the current log-probs as the old ones when it can and accumulates
 micro-batches. The reference below does none of that: every sample is forwarded on its own
 through the whole model, the full-vocabulary ``log_softmax`` is taken at every position,
 and plain autograd differentiates it. Both run two PPO epochs of two minibatches with a KL
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from nanovppo.algos.losses import rollout_correction
 from nanovppo.algos.pg import LossBatch
 from nanovppo.config import build
-from nanovppo.logprobs import GroupLogprobs, PlainLogprobs
+from nanovppo.logprobs import PlainLogprobs
+from nanovppo.packed import PackedLogprobs
 from nanovppo.rollout import Sample
 from nanovppo.batching import split_groups
 from nanovppo.fast import logprob_module
@@ -161,7 +162,7 @@ def test_update_matches_a_plain_reference(tiny, name, extra, correction, dtype, 
     policy = copy.deepcopy(base).train()
     ref = logprob_module(copy.deepcopy(base).eval().requires_grad_(False), fast, False)
     model = logprob_module(policy, fast, one_process=True)
-    assert isinstance(model, GroupLogprobs if fast else PlainLogprobs)
+    assert isinstance(model, PackedLogprobs if fast else PlainLogprobs)
     # the fast path's tied embedding has a sparse gradient; the plain one's is dense
     assert policy.get_input_embeddings().sparse == fast
     got = update(model, ref, algo, copy.deepcopy(samples), cfg,

@@ -1,0 +1,108 @@
+"""One micro-batch's forward and backward: the two-pass forward against the one-pass one.
+
+    python bench/one_pass.py                                  # make train's recipe, SmolLM2
+    python bench/one_pass.py --groups 2 --group-size 4 --prompt-tokens 100
+    python bench/one_pass.py --smoke                          # tiny model, one repeat
+
+``GroupLogprobs`` (prompts, then completions on their keys and values, backward in two
+phases) and ``PackedLogprobs`` (``nanovppo/packed.py``: every real token in one pass)
+take turns on the same micro-batches, under the recipe's autocast and weights, as the
+update runs them. Completions have random lengths (uniform in ``--min-tokens`` to
+``--new-tokens``), as sampled ones do; their tokens are random, which does not change the
+work. Printed: median seconds a micro-batch for each, their ratio, the mean and largest
+log-prob difference between them, and the share of the two-pass forward's token rows that are
+padding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nanovppo.logprobs import GroupLogprobs, pad_groups  # noqa: E402
+from nanovppo.models import autocast_ctx, load_model  # noqa: E402
+from nanovppo.packed import PackedLogprobs  # noqa: E402
+from nanovppo.rollout import render_prompt  # noqa: E402
+from tests.conftest import compose_cfg  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--groups", type=int, default=1, help="prompts in a micro-batch")
+    ap.add_argument("--group-size", type=int, default=8, help="completions per prompt")
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--min-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, one repeat")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides")
+    args = ap.parse_args()
+    overrides = ["experiment=countdown_cpu", *args.overrides]
+    if args.smoke:
+        overrides += ["model=tiny-random"]
+        args.repeats = 1
+
+    cfg = compose_cfg(overrides)
+    torch.manual_seed(0)
+    task = instantiate(cfg.task)
+    policy, tok = load_model(cfg.model, dtype=cfg.hardware.param_dtype)
+    policy.config._attn_implementation = cfg.hardware.attn_implementation or "sdpa"
+    policy.train()
+    paths = {"two passes": GroupLogprobs(policy, split_backward=True),
+             "one pass": PackedLogprobs(policy)}
+    gen = torch.Generator().manual_seed(0)
+
+    def micro_batch(i):
+        examples = task.train_examples[i * args.groups:(i + 1) * args.groups]
+        prompts = [render_prompt(task, tok, ex) for ex in examples]
+        lengths = torch.randint(args.min_tokens, args.new_tokens + 1,
+                                (args.groups, args.group_size), generator=gen)
+        completions = [[torch.randint(0, len(tok), (int(n),), generator=gen).tolist()
+                        for n in row] for row in lengths]
+        return pad_groups(prompts, completions, tok.pad_token_id)
+
+    batches = [micro_batch(i) for i in range(args.repeats + 1)]
+    times = {name: [] for name in paths}
+    diff, diffs = 0.0, []
+    for i, batch in enumerate(batches):
+        outs = {}
+        for name, module in paths.items():
+            policy.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            with autocast_ctx(cfg):
+                logp = module(batch, 1.0, cfg.trainer.logprob_chunk_rows)
+            logp.sum().backward()
+            if i > 0:  # the first micro-batch warms up both
+                times[name].append(time.perf_counter() - t0)
+            outs[name] = logp.detach()
+        gap = (outs["two passes"] - outs["one pass"]).abs()[batch.completion_mask.bool()]
+        diff, diffs = max(diff, gap.max().item()), diffs + gap.tolist()
+
+    b = batches[0]
+    real = b.prompt_mask.sum().item() + b.completion_mask.sum().item()
+    rows = b.prompt_mask.numel() + b.completion_mask.numel()
+    print(f"{args.groups} prompt(s) x {args.group_size} completions of "
+          f"{args.min_tokens}-{args.new_tokens} tokens, {cfg.model.name}, "
+          f"{cfg.hardware.param_dtype} weights, {cfg.hardware.compute_dtype} compute, "
+          f"{args.repeats} micro-batches")
+    print(f"padding in the two-pass forward: {1 - real / rows:.0%} of its token rows")
+    print("| path | median s a micro-batch | / two passes |")
+    print("|---|---|---|")
+    base = statistics.median(times["two passes"])
+    for name, values in times.items():
+        med = statistics.median(values)
+        print(f"| {name} | {med:.3f} | {med / base:.2f}x |")
+    print(f"log-prob difference between the two: mean {statistics.mean(diffs):.2e}, "
+          f"largest {diff:.2e} (rounding: bf16 keeps 8 bits of mantissa)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Completion log-probs in one pass over a micro-batch's real tokens.
+
+``group_logprobs`` runs a micro-batch in two passes: its prompts, then its completions on
+the prompts' keys and values. Every weight then takes part in two products forward and
+two backward, its gradient arrives in two parts to be added, and both passes also run on
+their padding. ``packed_logprobs`` lays the real tokens end to end instead, first each
+prompt's, then each completion's (all but its last token, whose output predicts nothing
+scored), and runs every layer once over all of them:
+
+    h = embed(tokens)                                   [N, H], N real tokens
+    for each layer:
+        q, k, v = projections of norm(h), rotated by each token's position
+        h += o_proj(attend(q, k, v))                    the only step that sees the layout
+        h += mlp(norm(h))
+    log-probs of each completion token from the state before it (``head_logprobs``)
+
+Only attention needs to know which token sees which: a prompt's tokens see the earlier
+tokens of their prompt; a completion's tokens see their whole prompt and the earlier
+tokens of their own completion, not the other completions of the group. ``attend``
+gathers the prompts and the completions into padded blocks for that and scatters the
+results back.
+
+The layers' submodules (norms, projections, MLP) are called directly, so this works for
+decoders built like Llama's (``SUPPORTED``: Llama, SmolLM2, Qwen2, Qwen2.5, Qwen3); other
+architectures take the two-pass path. FSDP2 gathers a layer's weights in the layer's own
+forward, which this does not call, so under torchrun the two-pass path runs too
+(``nanovppo.fast.logprob_module``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from nanovppo.head import head_logprobs
+from nanovppo.logprobs import GroupBatch, _attention_layers
+
+SUPPORTED = ("llama", "qwen2", "qwen3")
+
+
+def supports(model) -> bool:
+    """Whether ``packed_logprobs`` can run ``model`` (a Llama-like decoder, full attention)."""
+    config = model.config
+    if getattr(config, "model_type", None) not in SUPPORTED:
+        return False
+    if getattr(config, "use_sliding_window", False) or getattr(config, "attention_dropout", 0.0):
+        return False  # no sliding windows or attention dropout here
+    try:
+        _attention_layers(model)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _to_padded(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[n, ...] rows into a [*mask.shape, ...] block at ``mask``'s true places, zero elsewhere
+    (row-major order, the order ``block[mask]`` reads them back in)."""
+    block = flat.new_zeros((*mask.shape, *flat.shape[1:]))
+    return block.index_put((mask,), flat)
+
+
+class Layout(NamedTuple):
+    """Where a micro-batch's tokens sit in the packed sequence, and who sees whom."""
+
+    prompt_mask: torch.Tensor   # [G, P] bool, real prompt tokens, right-aligned to 0
+    input_mask: torch.Tensor    # [B, C - 1] bool, completion tokens that are inputs
+    group_index: torch.Tensor   # [B] each completion's prompt row
+    prompt_attn: torch.Tensor   # [G, 1, P, P] bool: query sees key
+    comp_attn: torch.Tensor     # [B, 1, C - 1, P + C - 1] bool
+    n_prompt: int               # prompt tokens, packed first
+    eager: bool                 # attention as matmuls and a float32 softmax (else sdpa)
+
+    def attend(self, q, k, v, scaling: float) -> torch.Tensor:
+        """Attention of packed q [N, h, d] over packed k, v [N, kv, d] -> [N, h * d]."""
+        n = self.n_prompt
+        pq, pk, pv = (_to_padded(t[:n], self.prompt_mask).transpose(1, 2) for t in (q, k, v))
+        out = [self._kernel(pq, pk, pv, self.prompt_attn, scaling)           # [G, h, P, d]
+               .transpose(1, 2)[self.prompt_mask]]                           # [n, h, d]
+        if q.shape[0] > n:
+            cq, ck, cv = (_to_padded(t[n:], self.input_mask).transpose(1, 2) for t in (q, k, v))
+            ck = torch.cat([pk[self.group_index], ck], dim=2)                # [B, kv, P + C', d]
+            cv = torch.cat([pv[self.group_index], cv], dim=2)
+            out.append(self._kernel(cq, ck, cv, self.comp_attn, scaling)
+                       .transpose(1, 2)[self.input_mask])
+        return torch.cat(out).flatten(1)
+
+    def _kernel(self, q, k, v, mask, scaling):
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves several
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        if not self.eager:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+        scores = (q @ k.transpose(-1, -2)) * scaling
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def _layout(batch: GroupBatch, eager: bool):
+    """The packed tokens [N], their positions [N] and their ``Layout``."""
+    pids, pmask, cids, cmask, index = batch
+    plen, clen = pmask.sum(-1), cmask.sum(-1).long()                       # [G], [B]
+    P, C = pids.shape[1], cids.shape[1]
+    arange_p = torch.arange(P)
+    prompt_mask = arange_p[None] < plen[:, None]                            # [G, P]
+    prompt_tokens = pids[pmask.bool()]          # left-padded rows read in order: real tokens
+    inputs = cids[:, :-1]                                                   # [B, C - 1]
+    arange_c = torch.arange(C - 1)
+    input_mask = arange_c[None] < (clen - 1).clamp(min=0)[:, None]          # [B, C - 1]
+    tokens = torch.cat([prompt_tokens, inputs[input_mask]])
+    positions = torch.cat([arange_p.expand(len(plen), P)[prompt_mask],
+                           (plen[index][:, None] + arange_c[None])[input_mask]])
+    causal_p = arange_p[:, None] >= arange_p[None]                          # [P, P]
+    prompt_attn = (causal_p[None] & prompt_mask[:, None, :])[:, None]       # [G, 1, P, P]
+    causal_c = arange_c[:, None] >= arange_c[None]                          # [C', C']
+    sees_prompt = prompt_mask[index][:, None, :].expand(-1, C - 1, -1)       # [B, C', P]
+    comp_attn = torch.cat([sees_prompt, causal_c[None].expand(len(index), -1, -1)],
+                          dim=-1)[:, None]                                  # [B, 1, C', P + C']
+    layout = Layout(prompt_mask, input_mask, index, prompt_attn, comp_attn,
+                    len(prompt_tokens), eager)
+    return tokens, positions, layout
+
+
+def _rotate(x, cos, sin):
+    """Rotary position embedding of x [N, heads, d] (cos, sin [N, d])."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def _layer(layer, h, cos, sin, layout: Layout):
+    """One decoder layer over the packed states h [N, H]."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).unflatten(-1, (-1, attn.head_dim))                  # [N, heads, d]
+    k = attn.k_proj(x).unflatten(-1, (-1, attn.head_dim))                  # [N, kv heads, d]
+    v = attn.v_proj(x).unflatten(-1, (-1, attn.head_dim))
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's queries and keys
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    h = h + attn.o_proj(layout.attend(q, k, v, attn.scaling))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def packed_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_rows: int = 4,
+                    with_entropy: bool = False):
+    """Log-probs [B, C] of a ``GroupBatch``'s completion tokens (and their entropy), as
+    ``group_logprobs`` gives them, in one pass over the real tokens; see module doc."""
+    decoder = model.get_decoder()
+    eager = getattr(model.config, "_attn_implementation", None) == "eager"
+    tokens, positions, layout = _layout(batch, eager)
+    h = decoder.embed_tokens(tokens)                                        # [N, H]
+    cos, sin = decoder.rotary_emb(h, positions[None])                       # [1, N, d]
+    cos, sin = cos[0], sin[0]
+    for layer in decoder.layers:
+        if getattr(layer, "_nanovppo_checkpointed", False) and torch.is_grad_enabled():
+            h = checkpoint(_layer, layer, h, cos, sin, layout, use_reentrant=False)
+        else:
+            h = _layer(layer, h, cos, sin, layout)
+    h = decoder.norm(h)
+    # The state before completion token j: its prompt's last (j = 0), else input j - 1's.
+    cids, cmask, index = batch.completion_ids, batch.completion_mask, batch.group_index
+    last = layout.prompt_mask.sum(-1).cumsum(0) - 1                         # [G] packed index
+    first = h[last][index][:, None]                                         # [B, 1, H]
+    rest = _to_padded(h[layout.n_prompt:], layout.input_mask)              # [B, C - 1, H]
+    hidden = torch.cat([first, rest], dim=1)                                # [B, C, H]
+    return head_logprobs(model, hidden, cids, cmask, temperature, chunk_rows, with_entropy)
+
+
+class PackedLogprobs(torch.nn.Module):
+    """``packed_logprobs`` of a policy as a module's forward (the fast path's
+    ``logprob_module`` in one process, for the architectures it ``supports``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: GroupBatch, temperature: float = 1.0, chunk_rows: int = 4,
+                with_entropy: bool = False):
+        return packed_logprobs(self.model, batch, temperature, chunk_rows, with_entropy)

@@ -1,0 +1,148 @@
+"""The one-pass forward (``nanovppo/packed.py``) gives the log-probs, entropies and gradients
+of a plain forward of each sequence on its own, for the decoders it takes."""
+
+import copy
+
+import pytest
+import torch
+
+from nanovppo.logprobs import GroupLogprobs, completion_logprobs, pad_batch, pad_groups
+from nanovppo.packed import PackedLogprobs, packed_logprobs, supports
+from tests.test_logprobs import COMPLETIONS, PROMPTS, naive_logprobs
+
+PAIRS = [(p, c) for p, group in zip(PROMPTS, COMPLETIONS) for c in group]
+
+
+def grads_of(model, fn, weights):
+    model.zero_grad(set_to_none=True)
+    logp = fn()
+    (logp * weights[:, :logp.shape[1]]).sum().backward()
+    return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                           if p.grad is not None}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_logprobs_equal_a_forward_of_each_sequence(tiny, attention):
+    """Each completion sees its whole prompt and its own earlier tokens, not its group's
+    other completions (the second completion of the first prompt is one token long: only
+    the prompt's last state scores it)."""
+    model, tok = tiny
+    model = copy.deepcopy(model).eval()
+    model.set_attn_implementation(attention)
+    with torch.no_grad():
+        expected = [naive_logprobs(model, p, c, 0.7) for p, c in PAIRS]
+        logp, ent = packed_logprobs(model, pad_groups(PROMPTS, COMPLETIONS, tok.pad_token_id),
+                                    0.7, chunk_rows=3, with_entropy=True)
+    assert logp.shape == (5, 4)
+    for r, ((p, c), (want, want_ent)) in enumerate(zip(PAIRS, expected)):
+        torch.testing.assert_close(logp[r, :len(c)], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ent[r, :len(c)], want_ent, atol=1e-4, rtol=1e-4)
+        assert torch.all(logp[r, len(c):] == 0)
+
+
+def test_completions_of_one_token_only(tiny):
+    """With every completion one token long no completion token is an input: each is
+    scored from its prompt's last state alone."""
+    model, tok = tiny
+    prompts, completions = [[5, 6, 7], [9]], [[[20], [21]], [[22]]]
+    with torch.no_grad():
+        logp = packed_logprobs(model, pad_groups(prompts, completions, tok.pad_token_id))
+    pairs = [(p, c) for p, group in zip(prompts, completions) for c in group]
+    assert logp.shape == (3, 1)
+    for r, (p, c) in enumerate(pairs):
+        torch.testing.assert_close(logp[r], naive_logprobs(model, p, c)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_packed_gradients_equal_plain_gradients(tiny, checkpointed):
+    """The same gradient for every parameter as the padded forward of each sequence with
+    its own prompt, with activation checkpointing too; each weight's gradient arrives in
+    one part (the two-pass forward accumulates two for every weight)."""
+    from nanovppo.distributed import decoder_layers
+    from nanovppo.logprobs import checkpoint_layers
+
+    model, tok = tiny
+    model = copy.deepcopy(model).train()
+    plain = copy.deepcopy(model)
+    if checkpointed:
+        checkpoint_layers(model, decoder_layers(model))
+    weights = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    probe = model.model.layers[1].self_attn.k_proj.weight
+    accumulations = []
+    probe.register_post_accumulate_grad_hook(lambda p: accumulations.append(1))
+    want_logp, want = grads_of(plain, lambda: completion_logprobs(
+        plain, pad_batch([p for p, _ in PAIRS], [c for _, c in PAIRS], tok.pad_token_id),
+        0.7), weights)
+    got_logp, got = grads_of(model, lambda: packed_logprobs(
+        model, pad_groups(PROMPTS, COMPLETIONS, tok.pad_token_id), 0.7), weights)
+    assert len(accumulations) == 1
+    torch.testing.assert_close(got_logp, want_logp, atol=1e-5, rtol=1e-5)
+    assert got.keys() == want.keys() and len(got) > 5
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4)
+
+
+def test_sparse_tied_embedding_gradients_in_one_pass(tiny):
+    """The sparse tied-embedding gradient (one process) adds up to the dense one over two
+    micro-batches, ``.grad`` dense at the end."""
+    from nanovppo.head import sparse_tied_embedding_grads
+
+    model, tok = tiny
+    dense, sparse = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    assert sparse_tied_embedding_grads(sparse)
+    batches = [pad_groups(PROMPTS, COMPLETIONS, tok.pad_token_id),
+               pad_groups([[40, 41, 42]], [[[43], [44, 45]]], tok.pad_token_id)]
+
+    def grads(m):
+        for b in batches:
+            logp = packed_logprobs(m, b, 0.7)
+            (logp * torch.arange(logp.numel()).view_as(logp)).sum().backward()
+        return {n: p.grad for n, p in m.named_parameters()}
+
+    want, got = grads(dense), grads(sparse)
+    assert sparse.get_input_embeddings().weight.grad.layout == torch.strided
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5)
+
+
+def _tiny(config_cls, model_cls, **extra):
+    config = config_cls(vocab_size=64, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=8, **extra)
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
+def test_qwen_decoders_packed_like_a_plain_forward():
+    """Qwen2 (biased q/k/v projections) and Qwen3 (each head's queries and keys
+    normalised) run through the same layer code."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    prompts, completions = [[5, 6, 7, 8], [9, 10]], [[[20, 21, 22], [23, 24]], [[30]]]
+    for model in (_tiny(Qwen2Config, Qwen2ForCausalLM), _tiny(Qwen3Config, Qwen3ForCausalLM)):
+        assert supports(model)
+        with torch.no_grad():
+            logp = packed_logprobs(model, pad_groups(prompts, completions, 0))
+        pairs = [(p, c) for p, group in zip(prompts, completions) for c in group]
+        for r, (p, c) in enumerate(pairs):
+            torch.testing.assert_close(logp[r, :len(c)], naive_logprobs(model, p, c)[0],
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_other_decoders_take_the_two_pass_forward(tiny):
+    """A decoder not built like Llama's (GPT-2), or one with sliding-window layers, is not
+    packed: the fast path's module in one process is then ``GroupLogprobs``."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    from nanovppo.fast import logprob_module
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
+    windowed = _tiny(Qwen2Config, Qwen2ForCausalLM, use_sliding_window=True, sliding_window=4,
+                     max_window_layers=0)
+    assert not supports(gpt2) and not supports(windowed)
+    model, _ = tiny
+    assert supports(model)
+    model = copy.deepcopy(model)
+    assert isinstance(logprob_module(model, fast=True, one_process=True), PackedLogprobs)
+    assert isinstance(logprob_module(model, fast=True, one_process=False), GroupLogprobs)
+    assert isinstance(logprob_module(windowed, fast=True, one_process=True), GroupLogprobs)
