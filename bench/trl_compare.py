@@ -92,6 +92,10 @@ VARIANTS = {
     # step's experience phase: perf/experience_s)
     "nanovppo-default-vppo": ["experiment=countdown_cpu", "task=countdown", "algo=vppo",
                               "algo.mc_rollouts=4"],
+    # the same with V(prompt) the mean score of the group's other responses (no
+    # continuations from the prompt state)
+    "nanovppo-default-vppo-group": ["experiment=countdown_cpu", "task=countdown", "algo=vppo",
+                                    "algo.mc_rollouts=4", "algo.prompt_value=group"],
     # the same training LoRA adapters (rank 16 on every linear layer of the blocks) instead
     # of every weight
     "nanovppo-default-lora": ["experiment=countdown_cpu", "task=countdown",

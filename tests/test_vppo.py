@@ -7,7 +7,7 @@ from tests.conftest import hf_engine, make_algo
 
 from nanovppo.algos.vppo import step_advantages, step_token_bounds, token_ends
 from nanovppo.engines.base import Sampling
-from tests.fakes import ScriptedEngine, rollouts, source
+from tests.fakes import ScriptedEngine, batch, rollouts, source
 
 
 def test_values_and_advantages_by_hand():
@@ -35,6 +35,45 @@ def test_values_and_advantages_by_hand():
     assert metrics["train/states_valued"] == 2
     assert metrics["train/continuations"] == 4
     assert 0 <= metrics["perf/value_sampling_s"] <= metrics["perf/value_estimation_s"]
+
+
+def test_the_prompt_valued_by_the_groups_other_responses():
+    """``prompt_value=group``: V(prompt) of a response is the mean score of its group's other
+    responses, and the prompt state is not sampled at all.
+
+    Prompt "P:", responses "abcd" (reward 1.5), "xd" (1.0), "zz~" (cut: the penalty, -0.5);
+    prompt "Q:", responses "ad" (1.5), "bd" (1.0), "ad". Tokens splitter, 2 tokens a step.
+    """
+    engine = ScriptedEngine({"P:ab": ["cd", "zz"],   # V("ab")   = mean(1.5, 0.5) = 1.0
+                             "P:zz": ["d", "d"]})    # V("zz")   = mean(1.0, 1.0) = 1.0
+    algo = make_algo("vppo", mc_rollouts=2, splitter="tokens", chunk_tokens=2, max_steps=0,
+                     whiten_advantages=False, unfinished_penalty=-0.5, prompt_value="group")
+    ro = batch({"P:": ["abcd", "xd", "zz~"], "Q:": ["ad", "bd", "ad"]})
+    samples, metrics = algo.make_samples(ro, source(engine))
+    [(prompts, _, _)] = engine.calls
+    assert sorted("".join(map(chr, p)) for p in prompts) == ["P:ab", "P:zz"]
+    # "abcd": V(prompt) = mean(1.0, -0.5) = 0.25 -> "ab" 1.0 - 0.25, "cd" 1.5 - 1.0
+    assert samples[0].advantage == pytest.approx([0.75, 0.75, 0.5, 0.5])
+    # "xd": V(prompt) = mean(1.5, -0.5) = 0.5, one step -> 1.0 - 0.5
+    assert samples[1].advantage == pytest.approx([0.5, 0.5])
+    # "zz~": V(prompt) = mean(1.5, 1.0) = 1.25 -> "zz" 1.0 - 1.25, "~" -0.5 - 1.0
+    assert samples[2].advantage == pytest.approx([-0.25, -0.25, -1.5])
+    # "ad": V(prompt) = mean(1.0, 1.5) = 1.25 -> 0.25; "bd": mean(1.5, 1.5) -> -0.5
+    assert samples[3].advantage == pytest.approx([0.25, 0.25])
+    assert samples[4].advantage == pytest.approx([-0.5, -0.5])
+    assert samples[5].advantage == pytest.approx([0.25, 0.25])
+    assert metrics["train/states_valued"] == 2 and metrics["train/continuations"] == 4
+    want = (0.25 + 0.5 + 1.25 + 1.25 + 1.5 + 1.25) / 6
+    assert metrics["train/value_prompt_mean"] == pytest.approx(want)
+
+
+def test_prompt_value_group_needs_a_group():
+    from nanovppo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="group_size of at least 2"):
+        make_algo("vppo", prompt_value="group", group_size=1)
+    with pytest.raises(ConfigError, match="use mc or group"):
+        make_algo("vppo", prompt_value="groups")
 
 
 def test_continuations_are_scored_with_their_prefix():

@@ -103,6 +103,7 @@ class VinePPO(PolicyGradient):
     chunk_tokens: int
     unfinished_penalty: float
     whiten_advantages: bool
+    prompt_value: str
     kl_in_reward = False  # the KL, if any, is a loss term
 
     def __post_init__(self):
@@ -113,6 +114,11 @@ class VinePPO(PolicyGradient):
             raise ConfigError("algo.mc_rollouts must be at least 1")
         if self.group_size < 1:
             raise ConfigError("algo.group_size must be at least 1")
+        if self.prompt_value not in ("mc", "group"):
+            raise ConfigError(f"algo.prompt_value={self.prompt_value!r}; use mc or group")
+        if self.prompt_value == "group" and self.group_size < 2:
+            raise ConfigError("algo.prompt_value=group values the prompt with the group's "
+                              "other responses: it needs algo.group_size of at least 2")
 
     def split(self, tokenizer, token_ids: list[int]) -> list[int]:
         """Token bounds of the steps of one completion."""
@@ -137,17 +143,22 @@ class VinePPO(PolicyGradient):
         # 1. steps of every response, as token bounds
         flat = [(g, c) for g, group in enumerate(ro.groups) for c in group]
         bounds = [self.split(tok, c.token_ids) for _, c in flat]
-        # 2. one request per distinct prefix (state) that needs a value: all but the last
-        keys, requests, budgets, owner = states(flat, bounds, max_new)
+        n = ro.rewards.shape[1]
+        finals = [self.unfinished_penalty if c.finish_reason == "length"
+                  else ro.rewards[g, i % n].item() for i, (g, c) in enumerate(flat)]
+        # 2. one request per distinct prefix (state) that needs a value: all but the last,
+        # and not the prompt if the group's other responses value it (prompt_value=group)
+        by_group = _leave_one_out(flat, finals) if self.prompt_value == "group" else {}
+        keys, requests, budgets, owner = states(flat, bounds, max_new, by_group)
         # 3. K continuations of each state, each scored on the whole response
         value, n_cont, n_unfinished, sampling_s = self.values(ro, source, requests, budgets, owner)
         # 4. advantages per step, spread over the step's tokens
-        samples, per_token_all = [], []
-        n = ro.rewards.shape[1]
+        samples, per_token_all, prompt_values = [], [], []
         for i, ((g, c), b) in enumerate(zip(flat, bounds)):
-            final = (self.unfinished_penalty if c.finish_reason == "length"
-                     else ro.rewards[g, i % n].item())
-            vals = [value[keys[prefix_key(c, k)]] for k in b[:-1]]
+            final = finals[i]
+            vals = [by_group[i] if k == 0 and i in by_group else value[keys[prefix_key(c, k)]]
+                    for k in b[:-1]]
+            prompt_values.append(vals[0] if vals else final)
             per_token = torch.zeros(len(c.token_ids))
             for t, a in enumerate(step_advantages(vals + [final])):
                 per_token[b[t]:b[t + 1]] = a
@@ -162,8 +173,7 @@ class VinePPO(PolicyGradient):
                    "train/continuations": float(n_cont),
                    "train/continuation_unfinished_frac": n_unfinished / max(n_cont, 1),
                    "train/steps_per_response": sum(len(b) - 1 for b in bounds) / max(len(bounds), 1),
-                   "train/value_prompt_mean": float(sum(value[keys[prefix_key(c, 0)]]
-                                                        for _, c in flat) / max(len(flat), 1)),
+                   "train/value_prompt_mean": sum(prompt_values) / max(len(prompt_values), 1),
                    "perf/value_sampling_s": sampling_s,
                    "perf/value_estimation_s": time.perf_counter() - t0}
         return samples, metrics
@@ -190,17 +200,35 @@ class VinePPO(PolicyGradient):
         return value, n_cont, n_unfinished, sampling_s
 
 
-def states(flat, bounds, max_new: int):
+def _leave_one_out(flat, finals: list[float]) -> dict[int, float]:
+    """V(prompt) for each response of a group of two or more: the mean final score of the
+    group's other responses, each of them a Monte-Carlo continuation from the prompt (its
+    own score left out, so that its first step's advantage does not contain itself)."""
+    members: dict[int, list[int]] = {}
+    for i, (g, _) in enumerate(flat):
+        members.setdefault(g, []).append(i)
+    out = {}
+    for rows in members.values():
+        if len(rows) > 1:
+            total = sum(finals[i] for i in rows)
+            out.update({i: (total - finals[i]) / (len(rows) - 1) for i in rows})
+    return out
+
+
+def states(flat, bounds, max_new: int, valued: dict[int, float] | None = None):
     """The states to value: one per distinct prefix (prompt + the response up to a step
-    boundary, the last boundary excluded). Returns (prefix -> request index, the requests'
+    boundary, the last boundary excluded), but not the prompt of the responses in
+    ``valued`` (their V(prompt) is known). Returns (prefix -> request index, the requests'
     token ids, each one's remaining token budget, and for each (group, a response with that
     prefix, the prefix length))."""
     keys: dict[tuple[int, ...], int] = {}
     requests: list[list[int]] = []
     budgets: list[int] = []
     owner: list[tuple] = []
-    for (g, c), b in zip(flat, bounds):
+    for i, ((g, c), b) in enumerate(zip(flat, bounds)):
         for k in b[:-1]:
+            if k == 0 and valued and i in valued:
+                continue
             key = prefix_key(c, k)
             if key not in keys:
                 keys[key] = len(requests)
