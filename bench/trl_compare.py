@@ -394,11 +394,11 @@ def print_tables(rows: dict, workloads: list, frameworks: list[str]) -> None:
               f" | {100 * r['update_share']:.0f}% | {100 * r['gradient_share']:.0f}% |")
     for (fw, *w), r in rows.items():
         if r["states"]:
-            grpo = rows.get((fw.removesuffix("-vppo"), *w))
+            base = fw.split("-vppo")[0]  # the same setting with GRPO
+            grpo = rows.get((base, *w))
             print(f"\n{fw} {name(*w)}: {r['states']:.0f} states x K continuations = "
                   f"{r['continuations']:.0f}, value estimation {r['experience']:.2f} s a step"
-                  + (f", step {r['step'] / grpo['step']:.2f}x {fw.removesuffix('-vppo')}'s"
-                     if grpo else ""))
+                  + (f", step {r['step'] / grpo['step']:.2f}x {base}'s" if grpo else ""))
     print("\n| workload | nanovppo setting | step / TRL's | generation | update (fwd+bwd+opt)"
           " | peak RSS |")
     print("|---|---|---|---|---|---|")
