@@ -1,7 +1,7 @@
 """One micro-batch's forward and backward: the two-pass forward against the one-pass one.
 
     python bench/one_pass.py                                  # make train's recipe, SmolLM2
-    python bench/one_pass.py --groups 2 --group-size 4 --prompt-tokens 100
+    python bench/one_pass.py --groups 2 --group-size 4             # the bench's micro-batch
     python bench/one_pass.py --smoke                          # tiny model, one repeat
 
 ``GroupLogprobs`` (prompts, then completions on their keys and values, backward in two
@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from nanovppo.logprobs import GroupLogprobs, pad_groups  # noqa: E402
 from nanovppo.models import autocast_ctx, load_model  # noqa: E402
 from nanovppo.packed import PackedLogprobs  # noqa: E402
+from nanovppo.policy import set_attention  # noqa: E402
 from nanovppo.rollout import render_prompt  # noqa: E402
 from tests.conftest import compose_cfg  # noqa: E402
 
@@ -54,7 +55,7 @@ def main() -> None:
     torch.manual_seed(0)
     task = instantiate(cfg.task)
     policy, tok = load_model(cfg.model, dtype=cfg.hardware.param_dtype)
-    policy.config._attn_implementation = cfg.hardware.attn_implementation or "sdpa"
+    set_attention(policy, cfg.hardware.attn_implementation)
     policy.train()
     paths = {"two passes": GroupLogprobs(policy, split_backward=True),
              "one pass": PackedLogprobs(policy)}

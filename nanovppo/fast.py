@@ -34,10 +34,10 @@ import contextlib
 
 import torch
 
-from nanovppo import memory, packed
+from nanovppo import memory
 from nanovppo.head import reuse_head_cast, sparse_tied_embedding_grads
 from nanovppo.logprobs import GroupLogprobs, PlainLogprobs
-from nanovppo.packed import PackedLogprobs
+from nanovppo.packed import PackedLogprobs, supports
 from nanovppo.models import autocast_ctx
 
 
@@ -49,7 +49,7 @@ def logprob_module(policy, fast: bool, one_process: bool) -> torch.nn.Module:
     if not one_process:  # FSDP2 gathers a layer's weights in that layer's own forward
         return GroupLogprobs(policy)
     sparse_tied_embedding_grads(policy)  # a sparse gradient: one process only
-    if packed.supports(policy):
+    if supports(policy):
         return PackedLogprobs(policy)
     return GroupLogprobs(policy, split_backward=True)
 

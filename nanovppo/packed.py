@@ -46,10 +46,10 @@ def supports(model) -> bool:
     config = model.config
     if getattr(config, "model_type", None) not in SUPPORTED:
         return False
-    if getattr(config, "use_sliding_window", False) or getattr(config, "attention_dropout", 0.0):
-        return False  # no sliding windows or attention dropout here
+    if getattr(config, "attention_dropout", 0.0):
+        return False  # no attention dropout here
     try:
-        _attention_layers(model)
+        _attention_layers(model)  # full attention only: no sliding-window layers
     except NotImplementedError:
         return False
     return True

@@ -3,8 +3,8 @@
 The production path (``nanovppo.update.update``, ``trainer.fast=true``) runs the real tokens
 of prompts and completions in one pass (each prompt once for its group), scores only real
 completion tokens in chunks through one autograd function, keeps the head's cast for a
-minibatch, gives the tied embedding a sparse gradient, reuses the current log-probs as the old ones when it can and accumulates
-micro-batches. The reference below does none of that: every sample is forwarded on its own
+minibatch, gives the tied embedding a sparse gradient, reuses the current log-probs as the
+old ones when it can and accumulates micro-batches. The reference below does none of that: every sample is forwarded on its own
 through the whole model, the full-vocabulary ``log_softmax`` is taken at every position,
 and plain autograd differentiates it. Both run two PPO epochs of two minibatches with a KL
 term (and, for grpo and cispo, the engine/trainer mismatch correction) from the same
