@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import mmap
+import os
 import sys
 
 import torch
@@ -59,6 +60,17 @@ def keep_freed_memory(keep: bool = True) -> bool:
         return False
     size = 1 << 30 if keep else 128 << 10
     return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, size) and _LIBC.mallopt(_M_TRIM_THRESHOLD, size))
+
+
+def limit_onednn_cache(capacity: int | None) -> bool:
+    """Cap oneDNN's primitive cache (``hardware.onednn_cache``) at ``capacity`` entries.
+    oneDNN reads the cap when it first creates a primitive, so this acts only before the
+    process's first oneDNN matmul; a cap already in the environment is left alone. Returns
+    whether it set one."""
+    if capacity is None or "ONEDNN_PRIMITIVE_CACHE_CAPACITY" in os.environ:
+        return False
+    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(int(capacity))
+    return True
 
 
 def release_free_memory() -> None:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from nanovppo import checkpoint as ckpt
 from nanovppo import distributed as dd
 from nanovppo import lora as lora_mod
+from nanovppo import memory
 from nanovppo.batching import refill_stream
 from nanovppo.config import build, seed_everything
 from nanovppo.ema import EMA
@@ -69,6 +70,7 @@ def build_run(cfg: DictConfig, run_dir, launch: Launch, d: dd.Dist,
     check_config(cfg)  # every run-level value, before anything loads (nanovppo/schema.py)
     if cfg.hardware.threads:
         torch.set_num_threads(int(cfg.hardware.threads))
+    memory.limit_onednn_cache(cfg.hardware.onednn_cache)  # before the first matmul
     if cfg.trainer.prompts_per_step % d.world:
         raise ConfigError(f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} must be a "
                           f"multiple of the number of processes ({d.world})")

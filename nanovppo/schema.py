@@ -135,6 +135,7 @@ RULES: dict[str, Rule] = {
                                                     "flex_attention")),
     "hardware.gradient_checkpointing": BOOL,
     "hardware.low_memory": BOOL,
+    "hardware.onednn_cache": optional(integer(1)),
     "hardware.engine_memory_fraction": number(0, 1, low_open=True),
     "hardware.engine_gpu": integer(0),
 }

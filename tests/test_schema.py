@@ -66,6 +66,7 @@ BAD = {
     "hardware.attn_implementation": "fast",
     "hardware.gradient_checkpointing": "true",
     "hardware.low_memory": None,
+    "hardware.onednn_cache": 0,
     "hardware.engine_memory_fraction": 1.5,
     "hardware.engine_gpu": -1,
 }
