@@ -50,7 +50,7 @@ def evaluate(engine, task, tokenizer, cfg, d: dd.Dist = dd.Dist(), pass_k: int =
         return {}
     mine = examples[d.rank::d.world]
     greedy = Sampling(n=1, temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
-                      stop=task.stop)
+                      stop=task.stop, logprobs=False)  # evaluations score text only
     sums = [0.0, 0.0, 0.0]  # reward, correct (greedy), prompts solved in k samples
     if mine:
         ro = RolloutSource(task, tokenizer, engine, greedy).collect(mine)
@@ -59,7 +59,7 @@ def evaluate(engine, task, tokenizer, cfg, d: dd.Dist = dd.Dist(), pass_k: int =
         if pass_k:
             sampled = Sampling(n=pass_k, temperature=cfg.rollout.temperature,
                                top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
-                               stop=task.stop)
+                               stop=task.stop, logprobs=False)
             ro = RolloutSource(task, tokenizer, engine, sampled).collect(mine)
             sums[2] = ro.correct.any(dim=1).float().sum().item()
     total = dd.all_reduce_sum(sums, d)
@@ -185,7 +185,7 @@ def evaluate_model(cfg: DictConfig, select=None) -> dict:
     if not examples:
         raise ConfigError(f"task {task.name} has no test examples")
     sampling = Sampling(n=e.n, temperature=e.temperature, top_p=e.top_p,
-                        max_new_tokens=e.max_new_tokens, stop=task.stop)
+                        max_new_tokens=e.max_new_tokens, stop=task.stop, logprobs=False)
     source = RolloutSource(task, tok, engine, sampling)
     ks = ks_up_to(e.n)
     per_k = {k: [] for k in ks}

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -187,6 +188,23 @@ def test_no_logprobs_after_top_p(engine):
                                                   max_new_tokens=4))
     assert all(c.logprobs is None for c in nucleus[0])
     assert all(len(c.logprobs) == len(c.token_ids) for c in whole[0])
+
+
+def test_sampling_without_logprobs_gives_the_same_tokens_and_none(engine):
+    """``Sampling(logprobs=False)`` (evaluations, VinePPO's continuations): vLLM computes no
+    log-probs, and the completions are the same (greedy: the same tokens; sampled: as many
+    of each prompt, finished the same way)."""
+    greedy = Sampling(n=1, temperature=0.0, max_new_tokens=8)
+    with_lp = engine.generate(PROMPTS, greedy)
+    without = engine.generate(PROMPTS, replace(greedy, logprobs=False))
+    assert [c.token_ids for g in without for c in g] == [c.token_ids for g in with_lp for c in g]
+    assert all(c.logprobs is None for g in without for c in g)
+    assert all(len(c.logprobs) == len(c.token_ids) for g in with_lp for c in g)
+    sampled = engine.generate(PROMPTS, Sampling(n=3, temperature=1.0, max_new_tokens=8,
+                                                logprobs=False))
+    assert [len(g) for g in sampled] == [3] * len(PROMPTS)
+    assert all(c.logprobs is None and c.token_ids for g in sampled for c in g)
+
 
 def test_bf16_engine_agrees_with_the_trainer_within_bf16_precision(policy):
     model, tok = policy

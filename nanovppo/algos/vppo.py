@@ -184,7 +184,7 @@ class VinePPO(PolicyGradient):
         of continuations, of those cut at the token budget, and the seconds of sampling."""
         sampling = Sampling(n=self.mc_rollouts, temperature=source.sampling.temperature,
                             top_p=source.sampling.top_p, max_new_tokens=source.sampling.max_new_tokens,
-                            stop=source.sampling.stop)
+                            stop=source.sampling.stop, logprobs=False)  # scored as text
         t0 = time.perf_counter()
         conts = source.engine.generate(requests, sampling, max_new_tokens=budgets) if requests else []
         sampling_s = time.perf_counter() - t0

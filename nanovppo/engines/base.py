@@ -17,6 +17,9 @@ class Sampling:
     top_p: float = 1.0
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()
+    # Return each sampled token's log-prob. Off where only the text counts (evaluations,
+    # VinePPO's continuations): the vllm engine then skips computing them.
+    logprobs: bool = True
 
 
 @dataclass

@@ -212,7 +212,7 @@ class VLLMEngine:
                                  max_tokens=max(1, min(b, sampling.max_new_tokens)),
                                  stop=list(sampling.stop) or None,
                                  include_stop_str_in_output=True,
-                                 logprobs=None if nucleus else 0,
+                                 logprobs=0 if sampling.logprobs and not nucleus else None,
                                  skip_special_tokens=True)
                   for b in budgets]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
