@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nanovppo import checkpoint as ckpt
 from nanovppo import distributed as dd
+from nanovppo import memory
 from nanovppo.config import CONF_DIR, build, seed_everything
 from nanovppo.engines.base import Sampling
 from nanovppo.errors import ConfigError, NanovppoError
@@ -166,6 +167,7 @@ def evaluate_model(cfg: DictConfig, select=None) -> dict:
     if e.n > 1 and e.temperature == 0:
         raise ConfigError("eval.n > 1 needs eval.temperature > 0 (greedy samples are identical)")
     seed_everything(cfg.seed)
+    memory.limit_onednn_cache(cfg.hardware.onednn_cache)  # before the first matmul
     task = build(cfg.task, "task")
     model_cfg, adapters = resolve_model(cfg)
     model, tok = load_with_adapters(model_cfg, adapters, cfg.hardware.param_dtype)

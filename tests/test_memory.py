@@ -97,3 +97,13 @@ def test_onednn_cache_cap_applies_before_the_first_matmul():
     assert first == "set True" and counts == {"hit": 4, "miss": 2}
     first, counts = _onednn_creates(1, env_cap="32")
     assert first == "set False" and counts == {"hit": 4, "miss": 2}
+
+
+def test_onednn_cache_cap_refuses_what_is_not_a_count():
+    """What the CLI of nanovppo.evaluate (which has no schema check) could pass."""
+    from nanovppo.errors import ConfigError
+    from nanovppo.memory import limit_onednn_cache
+
+    for bad in (0, -3, "32", 2.5, True):
+        with pytest.raises(ConfigError, match="hardware.onednn_cache"):
+            limit_onednn_cache(bad)
