@@ -35,6 +35,7 @@ from nanovppo.lora import ADAPTER_CONFIG, load_adapters
 from nanovppo.models import load_model
 from nanovppo.progress import bar
 from nanovppo.rollout import RolloutSource, context_length, drop_over_context
+from nanovppo.schema import check_keys
 from nanovppo.tracking import Tracker, checkpoint_of_model, default_tracking_uri, flatten
 
 log = logging.getLogger("nanovppo")
@@ -167,6 +168,7 @@ def evaluate_model(cfg: DictConfig, select=None) -> dict:
     if e.n > 1 and e.temperature == 0:
         raise ConfigError("eval.n > 1 needs eval.temperature > 0 (greedy samples are identical)")
     seed_everything(cfg.seed)
+    check_keys(cfg, ["hardware.onednn_cache"])  # its schema rule (no check_config here)
     memory.limit_onednn_cache(cfg.hardware.onednn_cache)  # before the first matmul
     task = build(cfg.task, "task")
     model_cfg, adapters = resolve_model(cfg)

@@ -33,8 +33,6 @@ import sys
 
 import torch
 
-from nanovppo.errors import ConfigError
-
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MADV_DONTNEED = 4  # Linux: drop the pages; private anonymous memory reads as zeros after
 
@@ -65,17 +63,13 @@ def keep_freed_memory(keep: bool = True) -> bool:
 
 
 def limit_onednn_cache(capacity: int | None) -> bool:
-    """Cap oneDNN's primitive cache (``hardware.onednn_cache``) at ``capacity`` entries.
-    oneDNN reads the cap when it first creates a primitive, so this acts only before the
-    process's first oneDNN matmul; a cap already in the environment is left alone. Returns
-    whether it set one."""
-    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
-                                 or capacity < 1):
-        raise ConfigError(f"hardware.onednn_cache={capacity!r}: a whole number of at least 1, "
-                          "or null for oneDNN's default")
+    """Cap oneDNN's primitive cache (``hardware.onednn_cache``, checked by its schema rule)
+    at ``capacity`` entries. oneDNN reads the cap when it first creates a primitive, so this
+    acts only before the process's first oneDNN matmul; a cap already in the environment
+    is left alone. Returns whether it set one."""
     if capacity is None or "ONEDNN_PRIMITIVE_CACHE_CAPACITY" in os.environ:
         return False
-    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(int(capacity))
+    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(capacity)
     return True
 
 

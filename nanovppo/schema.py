@@ -154,16 +154,22 @@ def _show(v) -> str:
     return str(v)
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Raise a ``ConfigError`` for the first run-level value that breaks its rule (or a
-    rule that spans two keys)."""
-    for key, rule in RULES.items():
+def check_keys(cfg: DictConfig, keys) -> None:
+    """Raise a ``ConfigError`` for the first of ``keys`` whose value breaks its rule."""
+    for key in keys:
+        rule = RULES[key]
         node = OmegaConf.select(cfg, key, throw_on_missing=False, default=_ABSENT)
         if node is _ABSENT:
             raise ConfigError(f"{key} is missing: it must be {rule.allowed}")
         value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
         if not rule.ok(value):
             raise ConfigError(f"{key}={_show(value)}: must be {rule.allowed}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise a ``ConfigError`` for the first run-level value that breaks its rule (or a
+    rule that spans two keys)."""
+    check_keys(cfg, RULES)
     c = cfg.rollout.correction
     if c.low >= c.high:
         raise ConfigError(f"rollout.correction.low={_show(c.low)} must be below "

@@ -100,10 +100,14 @@ def test_onednn_cache_cap_applies_before_the_first_matmul():
 
 
 def test_onednn_cache_cap_refuses_what_is_not_a_count():
-    """What the CLI of nanovppo.evaluate (which has no schema check) could pass."""
+    """What the CLI of nanovppo.evaluate (which runs this key's schema rule alone, not
+    check_config) could pass."""
+    from omegaconf import OmegaConf
+
     from nanovppo.errors import ConfigError
-    from nanovppo.memory import limit_onednn_cache
+    from nanovppo.schema import check_keys
 
     for bad in (0, -3, "32", 2.5, True):
+        cfg = OmegaConf.create({"hardware": {"onednn_cache": bad}})
         with pytest.raises(ConfigError, match="hardware.onednn_cache"):
-            limit_onednn_cache(bad)
+            check_keys(cfg, ["hardware.onednn_cache"])
