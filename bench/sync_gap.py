@@ -75,7 +75,7 @@ def main() -> None:
         if getattr(engine, "shares_policy", False):
             print(f"| {name} | {ecfg.dtype} | shares the policy: not checked | | | | | |")
             continue
-        module = logprob_module(work, True, False)
+        module = logprob_module(work, True)  # the trainer's, in one process
         check = SyncCheck(probes[0], cfg.rollout.sync_check.max_gap,
                           lambda ids: probe_logprobs(module, ids, cfg, tok.pad_token_id))
         means, worst, secs = gaps(check, engine, probes)

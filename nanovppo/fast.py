@@ -8,12 +8,12 @@ never read the switch themselves:
 =========================  =========================================  ======================
 question                   fast                                       plain
 =========================  =========================================  ======================
-``logprob_module``         in one process, one pass over the real     full-vocabulary
-                           tokens of prompts and completions          log-softmax over each
-                           (``packed``) and a sparse tied-embedding   sequence on its own
-                           gradient; else a prompt run once for its
-                           group; only completion tokens scored, in
-                           chunks
+``logprob_module``         one pass over the real tokens of prompts   full-vocabulary
+                           and completions (``packed``; not under     log-softmax over each
+                           FSDP2), in one process with a sparse       sequence on its own
+                           tied-embedding gradient; else a prompt
+                           run once for its group; only completion
+                           tokens scored, in chunks
 ``needs_old_logprobs``     no forward when the policy has not moved   a forward of its own
                            since sampling (one epoch, one minibatch)
 ``trains``                 only rows that carry a gradient            every row
@@ -41,17 +41,21 @@ from nanovppo.packed import PackedLogprobs, supports
 from nanovppo.models import autocast_ctx
 
 
-def logprob_module(policy, fast: bool, one_process: bool) -> torch.nn.Module:
+def logprob_module(policy, fast: bool, strategy: str | None = None) -> torch.nn.Module:
     """The module whose forward gives a micro-batch's completion log-probs (the trainer
-    wraps it, not the policy, in DDP or FSDP2)."""
+    wraps it, not the policy, in DDP or FSDP2). ``strategy``: None in one process, else the
+    torchrun job's ``hardware.strategy`` (``ddp`` | ``fsdp2``) that trains the module."""
     if not fast:
         return PlainLogprobs(policy)
-    if not one_process:  # FSDP2 gathers a layer's weights in that layer's own forward
+    if strategy == "fsdp2":  # FSDP2 gathers a layer's weights in that layer's own forward
         return GroupLogprobs(policy)
-    sparse_tied_embedding_grads(policy)  # a sparse gradient: one process only
+    if strategy is None:  # a sparse gradient: one process only (DDP reduces dense ones)
+        sparse_tied_embedding_grads(policy)
     if supports(policy):
         return PackedLogprobs(policy)
-    return GroupLogprobs(policy, split_backward=True)
+    # Its backward in two parts: one process only (DDP reduces a micro-batch's gradients in
+    # one backward pass)
+    return GroupLogprobs(policy, split_backward=strategy is None)
 
 
 def needs_old_logprobs(algo, cfg) -> bool:

@@ -23,8 +23,8 @@ results back.
 The layers' submodules (norms, projections, MLP) are called directly, so this works for
 decoders built like Llama's (``SUPPORTED``: Llama, SmolLM2, Qwen2, Qwen2.5, Qwen3); other
 architectures take the two-pass path. FSDP2 gathers a layer's weights in the layer's own
-forward, which this does not call, so under torchrun the two-pass path runs too
-(``nanovppo.fast.logprob_module``).
+forward, which this does not call, so under FSDP2 the two-pass path runs (DDP only
+reduces the gradients the parameters receive and runs this; ``nanovppo.fast.logprob_module``).
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def packed_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_ro
 
 class PackedLogprobs(torch.nn.Module):
     """``packed_logprobs`` of a policy as a module's forward (the fast path's
-    ``logprob_module`` in one process, for the architectures it ``supports``)."""
+    ``logprob_module`` in one process and under DDP, for the architectures it ``supports``)."""
 
     def __init__(self, model):
         super().__init__()

@@ -87,7 +87,8 @@ def build_run(cfg: DictConfig, run_dir, launch: Launch, d: dd.Dist,
     start_metrics = _drop_long_prompts(cfg, task, tokenizer, policy, d)
     tracker = make_tracker(cfg, run_dir, state, task, launch) if d.main else None
     with _ends_run_on_error(tracker):  # a run that stops here is not left RUNNING
-        wrap = lambda p: dd.wrap(logprob_module(p, bool(cfg.trainer.fast), not d.on),  # noqa: E731
+        strategy = str(cfg.hardware.strategy) if d.on else None
+        wrap = lambda p: dd.wrap(logprob_module(p, bool(cfg.trainer.fast), strategy),  # noqa: E731
                                  str(cfg.hardware.strategy), d, device)
         model = None
         if not resuming and cfg.warm_start.steps > 0:
@@ -100,7 +101,7 @@ def build_run(cfg: DictConfig, run_dir, launch: Launch, d: dd.Dist,
             if cfg.model.lora:  # RL starts from the warm-started weights, with fresh adapters
                 policy = lora_mod.add_adapters(policy.merge_and_unload(), cfg.model.lora)
                 model = None
-        ref = _reference(cfg, algo, policy, run_dir, resuming, device)
+        ref = _reference(cfg, algo, policy, run_dir, resuming, device, strategy)
         engine = _engine(cfg, policy, tokenizer, d)
         model = model or wrap(policy)
         optimizer, scheduler, ema = _optimizer(cfg, algo, model, policy)
@@ -148,15 +149,15 @@ def _drop_long_prompts(cfg, task, tokenizer, policy, d: dd.Dist) -> dict:
     return {f"data/dropped_over_context_{k}": float(v) for k, v in dropped.items()}
 
 
-def _reference(cfg, algo, policy, run_dir, resuming: bool, device):
+def _reference(cfg, algo, policy, run_dir, resuming: bool, device, strategy: str | None):
     """The KL reference's log-prob module (None when the algorithm uses none)."""
     if not algo.uses_reference:
         return None
     fast = bool(cfg.trainer.fast)
     frozen = reference_model(cfg, policy, run_dir, resuming, device)
-    if frozen is None:  # LoRA: the policy with its adapters off
-        return lora_mod.AdapterOffLogprobs(logprob_module(policy, fast, False))
-    return logprob_module(frozen, fast, False)
+    if frozen is None:  # LoRA: the policy with its adapters off, as it trains
+        return lora_mod.AdapterOffLogprobs(logprob_module(policy, fast, strategy))
+    return logprob_module(frozen, fast)  # a whole frozen copy on every process
 
 
 def _engine(cfg, policy, tokenizer, d: dd.Dist):

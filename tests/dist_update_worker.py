@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nanovppo import distributed as dd  # noqa: E402
 from nanovppo import lora  # noqa: E402
+from nanovppo.fast import logprob_module  # noqa: E402
 from nanovppo.logprobs import GroupLogprobs, checkpoint_layers  # noqa: E402
 from nanovppo.models import load_model  # noqa: E402
 from nanovppo.rollout import Sample  # noqa: E402
@@ -61,7 +62,11 @@ def main(out: str, strategy: str, overrides: list[str]) -> None:
     initial = {k: v.clone() for k, v in policy.state_dict().items()}
     if cfg.hardware.gradient_checkpointing:
         checkpoint_layers(policy, dd.decoder_layers(policy))
-    model = dd.wrap(GroupLogprobs(policy), strategy, d, "cpu")
+    # The trainer's module (nanovppo/parts.py): under DDP, and in one process, the one-pass
+    # forward over prompt and completion tokens (packed); under FSDP2 the two-pass one.
+    module = logprob_module(policy, bool(cfg.trainer.fast), strategy if d.on else None)
+    module_name = type(module).__name__  # before FSDP2 renames the class it shards
+    model = dd.wrap(module, strategy, d, "cpu")
     # Plain SGD: its step is proportional to the gradient, so a gradient off by a factor
     # (e.g. a wrong world-size scaling) shows; Adam's first step would hide it.
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
@@ -73,7 +78,7 @@ def main(out: str, strategy: str, overrides: list[str]) -> None:
     if state is None:  # one process: the model's own tensors
         state = model.state_dict()
     if d.main:
-        torch.save({"metrics": metrics, "params": {k.removeprefix("model."): v.clone()
+        torch.save({"module": module_name, "metrics": metrics, "params": {k.removeprefix("model."): v.clone()
                                                    for k, v in state.items()},
                     "initial": initial}, out)
     dd.shutdown()

@@ -55,6 +55,10 @@ def test_two_ranks_on_half_the_batch_match_one_process_on_all_of_it(tmp_path, st
     one = run_update(tmp_path, "ddp", 1, HARD)
     two = run_update(tmp_path, strategy, 2,
                      [*HARD, f"hardware.gradient_checkpointing={str(checkpointing).lower()}"])
+    # the module each side trained (nanovppo.fast.logprob_module): one pass over prompt and
+    # completion tokens, except under FSDP2
+    assert one["module"] == "PackedLogprobs"
+    assert two["module"] == {"ddp": "PackedLogprobs", "fsdp2": "GroupLogprobs"}[strategy]
     moved = max_param_diff(one["params"], one["initial"])
     diff = max_param_diff(one["params"], two["params"])
     print(f"{strategy}: largest parameter difference {diff:.3g} (the update moved them by up "

@@ -143,6 +143,20 @@ def test_other_decoders_take_the_two_pass_forward(tiny):
     model, _ = tiny
     assert supports(model)
     model = copy.deepcopy(model)
-    assert isinstance(logprob_module(model, fast=True, one_process=True), PackedLogprobs)
-    assert isinstance(logprob_module(model, fast=True, one_process=False), GroupLogprobs)
-    assert isinstance(logprob_module(windowed, fast=True, one_process=True), GroupLogprobs)
+    assert isinstance(logprob_module(model, fast=True), PackedLogprobs)
+    assert isinstance(logprob_module(model, fast=True, strategy="fsdp2"), GroupLogprobs)
+    assert isinstance(logprob_module(windowed, fast=True), GroupLogprobs)
+
+
+def test_ddp_takes_the_one_pass_forward_with_a_dense_embedding_gradient(tiny):
+    """DDP calls the module's forward and reduces the gradients its parameters receive, so
+    the packed forward serves it too; DDP reduces dense gradients, so the tied embedding's
+    stays dense there, where one process makes it sparse. (tests/test_distributed.py runs
+    it under torchrun against one process.)"""
+    from nanovppo.fast import logprob_module
+
+    model, _ = tiny
+    one, ddp = copy.deepcopy(model), copy.deepcopy(model)
+    assert isinstance(logprob_module(one, fast=True), PackedLogprobs)
+    assert isinstance(logprob_module(ddp, fast=True, strategy="ddp"), PackedLogprobs)
+    assert one.get_input_embeddings().sparse and not ddp.get_input_embeddings().sparse

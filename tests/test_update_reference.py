@@ -160,8 +160,8 @@ def test_update_matches_a_plain_reference(tiny, name, extra, correction, dtype, 
 
     # the production path, as the trainer builds it in one process
     policy = copy.deepcopy(base).train()
-    ref = logprob_module(copy.deepcopy(base).eval().requires_grad_(False), fast, False)
-    model = logprob_module(policy, fast, one_process=True)
+    ref = logprob_module(copy.deepcopy(base).eval().requires_grad_(False), fast)
+    model = logprob_module(policy, fast)
     assert isinstance(model, PackedLogprobs if fast else PlainLogprobs)
     # the fast path's tied embedding has a sparse gradient; the plain one's is dense
     assert policy.get_input_embeddings().sparse == fast
@@ -224,7 +224,7 @@ def test_entropy_is_taken_over_the_tokens_the_loss_trains(tiny, fast):
             total += -(logp.exp() * logp).sum().item()
             count += len(s.completion_ids)
     policy = copy.deepcopy(base).train()
-    model = logprob_module(policy, fast, one_process=True)
+    model = logprob_module(policy, fast)
     got = update(model, None, algo, samples, cfg, torch.optim.SGD(model.parameters(), lr=0.0),
                  tok.pad_token_id, step=1)
     assert count == sum(len(s.completion_ids) for s in samples
@@ -241,7 +241,7 @@ def test_rft_measures_the_mismatch_only_where_its_log_probs_match_the_engines(ti
     cfg = compose_cfg([*TINY, "algo=rft", f"rollout.temperature={temperature}",
                        "hardware.compute_dtype=float32", "rollout.correction.mode=off"])
     base, tok = tiny
-    model = logprob_module(copy.deepcopy(base).train(), True, one_process=True)
+    model = logprob_module(copy.deepcopy(base).train(), True)
     got = update(model, None, build(cfg.algo), scripted_samples(base.config.vocab_size, False),
                  cfg, torch.optim.SGD(model.parameters(), lr=0.0), tok.pad_token_id, step=1)
     assert ("train/mismatch_k3" in got) is (temperature == 1.0)
