@@ -83,9 +83,11 @@ def _cached_gguf_copy(gguf: Path, cache_dir: str | os.PathLike) -> Path:
     return out
 
 
-def tiny_random_model(seed: int, vocab_from: str | None, **sizes) -> tuple:
-    """A small Llama with random weights, for tests; the tokenizer comes from ``vocab_from``."""
-    tok_dir = _tokenizer_dir(vocab_from)
+def tiny_random_model(seed: int, vocab_from: str | None, cache_dir: str | None = None,
+                      **sizes) -> tuple:
+    """A small Llama with random weights, for tests; the tokenizer comes from ``vocab_from``
+    (read from a GGUF file once, then from its copy in ``cache_dir`` when one is given)."""
+    tok_dir = _tokenizer_dir(vocab_from, cache_dir)
     tok = AutoTokenizer.from_pretrained(tok_dir["path"], **tok_dir["kwargs"])
     config = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
@@ -94,12 +96,32 @@ def tiny_random_model(seed: int, vocab_from: str | None, **sizes) -> tuple:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32), tok
 
 
-def _tokenizer_dir(spec: str | None) -> dict:
+def _tokenizer_dir(spec: str | None, cache_dir: str | None = None) -> dict:
     if spec and spec.startswith("gguf:"):
         package, file = spec[5:].split("/", 1)
         gguf = resolve_gguf(None, package, file)
+        if cache_dir:
+            return {"path": _cached_gguf_tokenizer(gguf, cache_dir), "kwargs": {}}
         return {"path": gguf.parent, "kwargs": {"gguf_file": gguf.name}}
     return {"path": spec, "kwargs": {}}
+
+
+def _cached_gguf_tokenizer(gguf: Path, cache_dir: str | os.PathLike) -> Path:
+    """A folder holding the tokenizer of ``gguf``, written on first use: transformers parses
+    the whole file's metadata to build it (~3 s for SmolLM2's 49,152-token vocabulary),
+    a saved tokenizer loads in a fraction of that. Processes that build it at once each
+    write their own folder and the first to finish is kept."""
+    out = Path(cache_dir) / (gguf.stem + f"-{gguf.stat().st_size}-tokenizer")
+    if (out / "tokenizer_config.json").is_file():
+        return out
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    tok.save_pretrained(tmp)
+    try:
+        tmp.replace(out)
+    except OSError:  # another process put its copy there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def load_model(cfg, dtype: str = "float32"):
@@ -107,7 +129,7 @@ def load_model(cfg, dtype: str = "float32"):
     torch_dtype = to_dtype(dtype)
     source = cfg.source
     if source == "tiny_random":
-        model, tok = tiny_random_model(cfg.seed, cfg.tokenizer, **cfg.sizes)
+        model, tok = tiny_random_model(cfg.seed, cfg.tokenizer, cfg.cache_dir, **cfg.sizes)
         model = model.to(torch_dtype)
     elif source == "gguf":
         gguf = resolve_gguf(cfg.path, cfg.package, cfg.file)

@@ -16,10 +16,13 @@ if _WORKERS > 1:
     os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 torch.set_num_threads(_THREADS)
 
-# Small settings for runs on the tiny random model.
+ROOT = Path(__file__).resolve().parent.parent
+# Small settings for runs on the tiny random model. Its tokenizer, read from SmolLM2's GGUF
+# file, is saved once in the repository's model cache (as `make train`'s model is) and
+# shared by every test and the runs they start.
 TINY = ["experiment=bare", "model=tiny-random", "trainer.prompts_per_step=2", "algo.group_size=2",
         "rollout.max_new_tokens=6", "trainer.eval_examples=2", "trainer.progress=false",
-        "task.n_train=50", "task.n_test=4"]
+        "task.n_train=50", "task.n_test=4", f"model.cache_dir={ROOT / 'outputs' / 'cache' / 'models'}"]
 
 
 def compose_cfg(overrides=(), tmp_path: Path | None = None):
@@ -51,7 +54,7 @@ def tiny():
     """(model, tokenizer) of the tiny random Llama, loaded once."""
     from nanovppo.models import load_model
 
-    cfg = compose_cfg(["model=tiny-random"])
+    cfg = compose_cfg([o for o in TINY if o.startswith("model")])
     return load_model(cfg.model, dtype="float32")
 
 

