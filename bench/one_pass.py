@@ -3,6 +3,8 @@
     python bench/one_pass.py                                  # make train's recipe, SmolLM2
     python bench/one_pass.py --groups 2 --group-size 4             # the bench's micro-batch
     python bench/one_pass.py --smoke                          # tiny model, one repeat
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 bench/one_pass.py --groups 2 --group-size 4
+                                                    # under DDP: each rank its micro-batches
 
 ``GroupLogprobs`` (prompts, then completions on their keys and values, backward in two
 phases) and ``PackedLogprobs`` (``nanovppo/packed.py``: every real token in one pass)
@@ -11,12 +13,17 @@ update runs them. Completions have random lengths (uniform in ``--min-tokens`` t
 ``--new-tokens``), as sampled ones do; their tokens are random, which does not change the
 work. Printed: median seconds a micro-batch for each, their ratio, the mean and largest
 log-prob difference between them, and the share of the two-pass forward's token rows that are
-padding.
+padding. Under torchrun each path is a DDP module of its own copy of the policy (as the
+trainer wraps ``nanovppo.fast.logprob_module``; the two-pass backward in one phase, as DDP
+needs), each rank runs micro-batches of its own, the backward's time includes the gradients'
+all-reduce, and rank 0 prints its timings.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import statistics
 import sys
 import time
@@ -28,6 +35,7 @@ from hydra.utils import instantiate
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nanovppo import distributed as dd  # noqa: E402
 from nanovppo.logprobs import GroupLogprobs, pad_groups  # noqa: E402
 from nanovppo.models import autocast_ctx, load_model  # noqa: E402
 from nanovppo.packed import PackedLogprobs  # noqa: E402
@@ -52,16 +60,24 @@ def main() -> None:
         args.repeats = 1
 
     cfg = compose_cfg(overrides)
+    d = dd.init("cpu")  # one process unless started by torchrun
+    if d.on:  # each rank its share of the cores (tests.conftest set its own count)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world))
     torch.manual_seed(0)
     task = instantiate(cfg.task)
     policy, tok = load_model(cfg.model, dtype=cfg.hardware.param_dtype)
     set_attention(policy, cfg.hardware.attn_implementation)
     policy.train()
-    paths = {"two passes": GroupLogprobs(policy, split_backward=True),
-             "one pass": PackedLogprobs(policy)}
-    gen = torch.Generator().manual_seed(0)
+    if d.on:  # a DDP module each, over a copy of the policy each
+        paths = {"two passes": dd.wrap(GroupLogprobs(policy), "ddp", d, "cpu"),
+                 "one pass": dd.wrap(PackedLogprobs(copy.deepcopy(policy)), "ddp", d, "cpu")}
+    else:
+        paths = {"two passes": GroupLogprobs(policy, split_backward=True),
+                 "one pass": PackedLogprobs(policy)}
+    gen = torch.Generator().manual_seed(d.rank)
 
     def micro_batch(i):
+        i = i * d.world + d.rank  # each rank its own problems
         examples = task.train_examples[i * args.groups:(i + 1) * args.groups]
         prompts = [render_prompt(task, tok, ex) for ex in examples]
         lengths = torch.randint(args.min_tokens, args.new_tokens + 1,
@@ -76,7 +92,7 @@ def main() -> None:
     for i, batch in enumerate(batches):
         outs = {}
         for name, module in paths.items():
-            policy.zero_grad(set_to_none=True)
+            module.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
             with autocast_ctx(cfg):
                 logp = module(batch, 1.0, cfg.trainer.logprob_chunk_rows)
@@ -87,13 +103,16 @@ def main() -> None:
         gap = (outs["two passes"] - outs["one pass"]).abs()[batch.completion_mask.bool()]
         diff, diffs = max(diff, gap.max().item()), diffs + gap.tolist()
 
+    dd.shutdown()
+    if not d.main:
+        return
     b = batches[0]
     real = b.prompt_mask.sum().item() + b.completion_mask.sum().item()
     rows = b.prompt_mask.numel() + b.completion_mask.numel()
     print(f"{args.groups} prompt(s) x {args.group_size} completions of "
           f"{args.min_tokens}-{args.new_tokens} tokens, {cfg.model.name}, "
           f"{cfg.hardware.param_dtype} weights, {cfg.hardware.compute_dtype} compute, "
-          f"{args.repeats} micro-batches")
+          f"{args.repeats} micro-batches" + (f", rank 0 of {d.world} under DDP" if d.on else ""))
     print(f"padding in the two-pass forward: {1 - real / rows:.0%} of its token rows")
     print("| path | median s a micro-batch | / two passes |")
     print("|---|---|---|")

@@ -119,6 +119,10 @@ def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 10, trials: int 
     return statistics.median(rates)
 
 
+# --smoke times one small matmul (its figures mean nothing at the tiny model's size anyway).
+SMOKE_MATMUL = dict(n=256, reps=1, trials=1)
+
+
 def matmul_params(model) -> tuple[int, int]:
     """Parameters that take part in matmuls per token: (the decoder's linear weights, the
     output head's)."""
@@ -307,7 +311,8 @@ def worker_main(framework: str, dtype: str, new_tokens: int, group: int, steps: 
     # The limit as this process sees it, right after its steps: this machine's speed drifts
     # by 10-20% over minutes (generation, whose code did not change, too), and a phase's
     # share should not count that drift.
-    result["matmul_flops"] = matmul_flops(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    result["matmul_flops"] = matmul_flops(torch.bfloat16 if dtype == "bf16" else torch.float32,
+                                          **(SMOKE_MATMUL if smoke else {}))
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -344,7 +349,9 @@ def main() -> int:
     model, _ = load_model(compose_cfg(SMOKE_MODEL if args.smoke else MODEL).model)
     params = matmul_params(model)
     del model
-    peak = {"bf16": matmul_flops(torch.bfloat16), "fp32": matmul_flops(torch.float32)}
+    size = SMOKE_MATMUL if args.smoke else {}
+    peak = {"bf16": matmul_flops(torch.bfloat16, **size),
+            "fp32": matmul_flops(torch.float32, **size)}
     print(f"matmul (2048^3, {torch.get_num_threads()} threads): bf16 "
           f"{peak['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s", flush=True)
     rows, failed = {}, False
