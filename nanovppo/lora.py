@@ -90,11 +90,11 @@ def merged_model(policy) -> torch.nn.Module:
 
 class AdapterOffLogprobs(torch.nn.Module):
     """The KL reference of a LoRA policy: its log-probs with the adapters turned off, i.e.
-    the frozen base model (``GroupLogprobs`` of the same module, under no gradient)."""
+    the frozen base model (the log-prob module of the same policy, under no gradient)."""
 
     def __init__(self, logprobs: torch.nn.Module):
         super().__init__()
-        self.logprobs = logprobs  # GroupLogprobs(policy)
+        self.logprobs = logprobs  # e.g. PackedLogprobs(policy)
 
     def forward(self, *args, **kwargs):
         policy = self.logprobs.model

@@ -31,13 +31,19 @@ def lora_policy(tiny):
     return base, policy, tok
 
 
-def test_the_reference_is_the_base_with_adapters_off(tiny):
+@pytest.mark.parametrize("path", ["GroupLogprobs", "PackedLogprobs"])
+def test_the_reference_is_the_base_with_adapters_off(tiny, path):
+    """Through either forward: the trainer gives the reference the one-pass module in one
+    process and under DDP (``nanovppo.fast.logprob_module``), the two-pass one elsewhere."""
+    from nanovppo.packed import PackedLogprobs
+
+    module = {"GroupLogprobs": GroupLogprobs, "PackedLogprobs": PackedLogprobs}[path]
     base, policy, tok = lora_policy(tiny)
     batch = pad_groups(*BATCH, tok.pad_token_id)
-    want = GroupLogprobs(base)(batch)
-    ref = AdapterOffLogprobs(GroupLogprobs(policy))(batch)
+    want = module(base)(batch)
+    ref = AdapterOffLogprobs(module(policy))(batch)
     assert torch.equal(ref, want)
-    assert not torch.allclose(GroupLogprobs(policy)(batch), want)  # the adapters do change it
+    assert not torch.allclose(module(policy)(batch), want)  # the adapters do change it
 
 
 def test_only_the_adapters_train_and_reach_the_optimizer(tiny):
