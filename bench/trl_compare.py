@@ -88,6 +88,9 @@ VARIANTS = {
     # the same with activation checkpointing (TRL's default), for long completions
     "nanovppo-default-ckpt": ["experiment=countdown_cpu", "task=countdown",
                               "hardware.gradient_checkpointing=true"],
+    # the same handing freed memory back after every micro-batch (hardware.low_memory)
+    "nanovppo-default-lowmem": ["experiment=countdown_cpu", "task=countdown",
+                                "hardware.low_memory=true"],
     # the same with VinePPO, K = 4 continuations per state (its value estimation is the
     # step's experience phase: perf/experience_s)
     "nanovppo-default-vppo": ["experiment=countdown_cpu", "task=countdown", "algo=vppo",
