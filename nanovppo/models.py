@@ -61,25 +61,45 @@ def resolve_gguf(path: str | None, package: str | None, file: str) -> Path:
 def _cached_gguf_copy(gguf: Path, cache_dir: str | os.PathLike) -> Path:
     """Return a directory holding a safetensors copy of ``gguf``, writing it on first use."""
     out = Path(cache_dir) / (gguf.stem + f"-{gguf.stat().st_size}")
-    if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():
+    complete = lambda folder: all((folder / f).is_file()  # noqa: E731
+                                  for f in ("config.json", "tokenizer_config.json"))
+    if complete(out):
         return out
     log.info("dequantising %s once into %s", gguf.name, out)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # A GGUF-loaded model refuses save_pretrained: rebuild it from its config without the
-    # quantization entry and copy the dequantised weights in.
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
+
+    def write(folder: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # A GGUF-loaded model refuses save_pretrained: rebuild it from its config without
+        # the quantization entry and copy the dequantised weights in.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(folder)
+        tok.save_pretrained(folder)
+
+    return _write_whole(out, write, complete)
+
+
+def _write_whole(out: Path, write, complete) -> Path:
+    """``out``, written by ``write(folder)`` into a folder of this process's own and then
+    renamed whole, so that no process reads a half-written one. Of processes that write it
+    at once (test workers, ranks) the first to finish is kept; a folder already there that
+    is not ``complete(folder)`` (left by an older version) is replaced."""
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    try:
+        tmp.replace(out)
+    except OSError:  # a folder is there: another process's copy, or an incomplete one
+        if complete(out):
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.replace(out)
     return out
 
 
@@ -109,19 +129,13 @@ def _tokenizer_dir(spec: str | None, cache_dir: str | None = None) -> dict:
 def _cached_gguf_tokenizer(gguf: Path, cache_dir: str | os.PathLike) -> Path:
     """A folder holding the tokenizer of ``gguf``, written on first use: transformers parses
     the whole file's metadata to build it (~3 s for SmolLM2's 49,152-token vocabulary),
-    a saved tokenizer loads in a fraction of that. Processes that build it at once each
-    write their own folder and the first to finish is kept."""
+    a saved tokenizer loads in a fraction of that."""
     out = Path(cache_dir) / (gguf.stem + f"-{gguf.stat().st_size}-tokenizer")
-    if (out / "tokenizer_config.json").is_file():
+    complete = lambda folder: (folder / "tokenizer_config.json").is_file()  # noqa: E731
+    if complete(out):
         return out
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    tok.save_pretrained(tmp)
-    try:
-        tmp.replace(out)
-    except OSError:  # another process put its copy there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return _write_whole(out, tok.save_pretrained, complete)
 
 
 def load_model(cfg, dtype: str = "float32"):

@@ -198,3 +198,29 @@ def test_a_gguf_tokenizer_is_read_once_then_loaded_from_its_saved_copy(tmp_path)
     assert from_copy(text).input_ids == from_file(text).input_ids
     assert (from_copy.eos_token_id, from_copy.bos_token_id) == (from_file.eos_token_id,
                                                                  from_file.bos_token_id)
+
+
+def test_a_cache_folder_is_published_whole_and_the_first_complete_copy_is_kept(tmp_path):
+    """``models._write_whole``, which the model and tokenizer caches write through: the
+    folder appears only once written; when another process's complete copy got there
+    first, it is kept and this one's thrown away; an incomplete folder (an older
+    version's) is replaced. No temporary folder is left in any case."""
+    from nanovppo.models import _write_whole
+
+    def writer(text):
+        def write(folder):
+            folder.mkdir(parents=True)
+            (folder / "marker").write_text(text)
+        return write
+
+    complete = lambda folder: (folder / "marker").is_file()  # noqa: E731
+    out = tmp_path / "copy"
+    assert _write_whole(out, writer("first"), complete) == out
+    assert (out / "marker").read_text() == "first"
+    _write_whole(out, writer("second"), complete)      # a complete one is there: kept
+    assert (out / "marker").read_text() == "first"
+    (out / "marker").unlink()                           # an incomplete one: replaced
+    (out / "stale").write_text("x")
+    _write_whole(out, writer("third"), complete)
+    assert (out / "marker").read_text() == "third" and not (out / "stale").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["copy"]
