@@ -60,14 +60,9 @@ def resolve_gguf(path: str | None, package: str | None, file: str) -> Path:
 
 def _cached_gguf_copy(gguf: Path, cache_dir: str | os.PathLike) -> Path:
     """Return a directory holding a safetensors copy of ``gguf``, writing it on first use."""
-    out = Path(cache_dir) / (gguf.stem + f"-{gguf.stat().st_size}")
-    complete = lambda folder: all((folder / f).is_file()  # noqa: E731
-                                  for f in ("config.json", "tokenizer_config.json"))
-    if complete(out):
-        return out
-    log.info("dequantising %s once into %s", gguf.name, out)
 
     def write(folder: Path) -> None:
+        log.info("dequantising %s once into %s", gguf.name, folder.parent)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                      dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -81,21 +76,26 @@ def _cached_gguf_copy(gguf: Path, cache_dir: str | os.PathLike) -> Path:
         plain.save_pretrained(folder)
         tok.save_pretrained(folder)
 
-    return _write_whole(out, write, complete)
+    return _cached_folder(Path(cache_dir) / (gguf.stem + f"-{gguf.stat().st_size}"), write,
+                          ("config.json", "tokenizer_config.json"))
 
 
-def _write_whole(out: Path, write, complete) -> Path:
-    """``out``, written by ``write(folder)`` into a folder of this process's own and then
-    renamed whole, so that no process reads a half-written one. Of processes that write it
-    at once (test workers, ranks) the first to finish is kept; a folder already there that
-    is not ``complete(folder)`` (left by an older version) is replaced."""
+def _cached_folder(out: Path, write, files: tuple[str, ...]) -> Path:
+    """``out`` as a cache folder: returned as it is when it holds ``files``, else written
+    by ``write(folder)`` into a folder of this process's own and renamed whole, so that no
+    process reads a half-written one. Of processes that write it at once (test workers,
+    ranks) the first to finish is kept; a folder without ``files`` (left by an older
+    version) is replaced."""
+    complete = lambda: all((out / f).is_file() for f in files)  # noqa: E731
+    if complete():
+        return out
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
     try:
         tmp.replace(out)
     except OSError:  # a folder is there: another process's copy, or an incomplete one
-        if complete(out):
+        if complete():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             shutil.rmtree(out, ignore_errors=True)
@@ -130,12 +130,10 @@ def _cached_gguf_tokenizer(gguf: Path, cache_dir: str | os.PathLike) -> Path:
     """A folder holding the tokenizer of ``gguf``, written on first use: transformers parses
     the whole file's metadata to build it (~3 s for SmolLM2's 49,152-token vocabulary),
     a saved tokenizer loads in a fraction of that."""
-    out = Path(cache_dir) / (gguf.stem + f"-{gguf.stat().st_size}-tokenizer")
-    complete = lambda folder: (folder / "tokenizer_config.json").is_file()  # noqa: E731
-    if complete(out):
-        return out
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return _write_whole(out, tok.save_pretrained, complete)
+    write = lambda folder: AutoTokenizer.from_pretrained(  # noqa: E731
+        gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    return _cached_folder(Path(cache_dir) / (gguf.stem + f"-{gguf.stat().st_size}-tokenizer"),
+                          write, ("tokenizer_config.json",))
 
 
 def load_model(cfg, dtype: str = "float32"):

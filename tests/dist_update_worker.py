@@ -78,8 +78,8 @@ def main(out: str, strategy: str, overrides: list[str]) -> None:
     if state is None:  # one process: the model's own tensors
         state = model.state_dict()
     if d.main:
-        torch.save({"module": module_name, "metrics": metrics, "params": {k.removeprefix("model."): v.clone()
-                                                   for k, v in state.items()},
+        torch.save({"module": module_name, "metrics": metrics,
+                    "params": {k.removeprefix("model."): v.clone() for k, v in state.items()},
                     "initial": initial}, out)
     dd.shutdown()
 

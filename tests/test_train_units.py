@@ -201,26 +201,35 @@ def test_a_gguf_tokenizer_is_read_once_then_loaded_from_its_saved_copy(tmp_path)
 
 
 def test_a_cache_folder_is_published_whole_and_the_first_complete_copy_is_kept(tmp_path):
-    """``models._write_whole``, which the model and tokenizer caches write through: the
-    folder appears only once written; when another process's complete copy got there
-    first, it is kept and this one's thrown away; an incomplete folder (an older
-    version's) is replaced. No temporary folder is left in any case."""
-    from nanovppo.models import _write_whole
+    """``models._cached_folder``, which the model and tokenizer caches go through: a
+    complete folder is returned unwritten; otherwise the folder appears only once written;
+    when another process's complete copy got there first, it is kept and this one's thrown
+    away; an incomplete folder (an older version's) is replaced. No temporary folder is
+    left in any case."""
+    from nanovppo.models import _cached_folder
 
-    def writer(text):
+    writes = []
+
+    def writer(text, other=None):
         def write(folder):
+            writes.append(text)
+            if other:  # another process publishes its complete copy meanwhile
+                other.mkdir()
+                (other / "marker").write_text("other")
             folder.mkdir(parents=True)
             (folder / "marker").write_text(text)
         return write
 
-    complete = lambda folder: (folder / "marker").is_file()  # noqa: E731
     out = tmp_path / "copy"
-    assert _write_whole(out, writer("first"), complete) == out
+    assert _cached_folder(out, writer("first"), ("marker",)) == out
     assert (out / "marker").read_text() == "first"
-    _write_whole(out, writer("second"), complete)      # a complete one is there: kept
-    assert (out / "marker").read_text() == "first"
-    (out / "marker").unlink()                           # an incomplete one: replaced
+    _cached_folder(out, writer("second"), ("marker",))    # complete: not written again
+    assert writes == ["first"] and (out / "marker").read_text() == "first"
+    racing = tmp_path / "raced"
+    _cached_folder(racing, writer("mine", other=racing), ("marker",))  # theirs first: kept
+    assert (racing / "marker").read_text() == "other"
+    (out / "marker").unlink()                              # an incomplete one: replaced
     (out / "stale").write_text("x")
-    _write_whole(out, writer("third"), complete)
+    _cached_folder(out, writer("third"), ("marker",))
     assert (out / "marker").read_text() == "third" and not (out / "stale").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["copy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "raced"]
