@@ -11,7 +11,8 @@ question                   fast                                       plain
 ``logprob_module``         one pass over the real tokens of prompts   full-vocabulary
                            and completions (``packed``; not under     log-softmax over each
                            FSDP2), in one process with a sparse       sequence on its own
-                           tied-embedding gradient; else a prompt
+                           tied-embedding gradient and the weights'
+                           gradients added in place; else a prompt
                            run once for its group; only completion
                            tokens scored, in chunks
 ``needs_old_logprobs``     no forward when the policy has not moved   a forward of its own
@@ -51,8 +52,8 @@ def logprob_module(policy, fast: bool, strategy: str | None = None) -> torch.nn.
         return GroupLogprobs(policy)
     if strategy is None:  # a sparse gradient: one process only (DDP reduces dense ones)
         sparse_tied_embedding_grads(policy)
-    if supports(policy):
-        return PackedLogprobs(policy)
+    if supports(policy):  # in one process each weight's gradient is accumulated in place
+        return PackedLogprobs(policy, grads_in_place=strategy is None)
     # Its backward in two parts: one process only (DDP reduces a micro-batch's gradients in
     # one backward pass)
     return GroupLogprobs(policy, split_backward=strategy is None)

@@ -90,7 +90,7 @@ class _HeadLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature: float, with_entropy: bool,
-                chunk: int):
+                chunk: int, grads_in_place: bool = False):
         dtype = _compute_dtype(hidden, weight)
         w = _HEAD_CAST.get(weight, dtype)
         logps, ents = [], []
@@ -106,6 +106,7 @@ class _HeadLogprobs(torch.autograd.Function):
         entropy = torch.cat(ents) if ents else logp.new_zeros(0)
         ctx.save_for_backward(hidden, weight, targets)
         ctx.dtype, ctx.temperature, ctx.chunk = dtype, temperature, chunk
+        ctx.grads_in_place = grads_in_place
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
@@ -115,7 +116,11 @@ class _HeadLogprobs(torch.autograd.Function):
         dtype, temperature, chunk = ctx.dtype, ctx.temperature, ctx.chunk
         w = _HEAD_CAST.get(weight, dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = None
+        # After a minibatch's first micro-batch, added into the weight's .grad in place
+        # (as the packed forward's projections do: nanovppo/packed.py, _LinearGradInPlace)
+        in_place = (ctx.grads_in_place and ctx.needs_input_grad[1] and weight.grad is not None
+                    and weight.grad.layout == torch.strided and weight.grad.dtype == dtype)
+        grad_weight = weight.grad if in_place else None
         with torch.autocast(hidden.device.type, enabled=False):
             for i in range(0, hidden.shape[0], chunk):
                 h, gl = hidden[i:i + chunk].to(dtype), grad_logp[i:i + chunk, None]
@@ -131,22 +136,28 @@ class _HeadLogprobs(torch.autograd.Function):
                         grad_weight = grad.T @ h
                     else:
                         grad_weight.addmm_(grad.T, h)
-            if ctx.needs_input_grad[1]:
+            if in_place:
+                grad_weight = None  # already added into .grad
+            elif ctx.needs_input_grad[1]:
                 grad_weight = (torch.zeros_like(weight) if grad_weight is None  # no positions
                                else grad_weight.to(weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def head_logprobs(model, hidden, targets, cmask, temperature, chunk_rows, with_entropy):
+def head_logprobs(model, hidden, targets, cmask, temperature, chunk_rows, with_entropy,
+                  grads_in_place: bool = False):
     """Apply the output head to the real positions of ``hidden`` [B, C, H] in chunks of
-    ``chunk_rows`` rows' worth of tokens; see module doc. Padded positions get 0."""
+    ``chunk_rows`` rows' worth of tokens; see module doc. Padded positions get 0.
+    ``grads_in_place``: the weight's gradient is added into its ``.grad`` where there is
+    one already (one process only)."""
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("output heads with a bias are not supported")
     real = cmask.bool()
     h, t = hidden[real], targets[real]                                       # [n, H], [n]
     chunk = max(1, chunk_rows * targets.shape[1])
-    logp, ent = _HeadLogprobs.apply(h, head.weight, t, float(temperature), with_entropy, chunk)
+    logp, ent = _HeadLogprobs.apply(h, head.weight, t, float(temperature), with_entropy, chunk,
+                                    grads_in_place)
 
     def padded(values):  # [n] -> [B, C], 0 at padded positions
         zeros = torch.zeros(cmask.shape, dtype=torch.float32, device=cmask.device)

@@ -88,14 +88,23 @@ class Layout(NamedTuple):
         return torch.cat(out).flatten(1)
 
     def _kernel(self, q, k, v, mask, scaling):
-        if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves several
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        """q [b, h, c, d] over k, v [b, kv, K, d] (grouped-query attention: query head i
+        reads kv head i // (h / kv)), ``mask`` [b, 1, c, K] -> [b, h, c, d]."""
+        b, h, c, d = q.shape
+        kv = k.shape[1]
         if not self.eager:
+            if kv != h:
+                k = k.repeat_interleave(h // kv, dim=1)
+                v = v.repeat_interleave(h // kv, dim=1)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-        scores = (q @ k.transpose(-1, -2)) * scaling
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        # The query heads that share a kv head as rows of one product with it: no copies of
+        # k and v per query head, and h / kv times fewer, larger products.
+        qg = q.reshape(b, kv, h // kv * c, d)
+        scores = (qg @ k.transpose(-1, -2)) * scaling                      # [b, kv, h/kv*c, K]
+        scores = scores.view(b, kv, h // kv, c, -1).masked_fill(
+            ~mask[:, :, None], torch.finfo(scores.dtype).min)
+        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return (p.view(b, kv, h // kv * c, -1) @ v).view(b, h, c, d)
 
 
 def _layout(batch: GroupBatch, eager: bool):
@@ -130,24 +139,82 @@ def _rotate(x, cos, sin):
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def _layer(layer, h, cos, sin, layout: Layout):
+class _LinearGradInPlace(torch.autograd.Function):
+    """``linear(x)`` (an ``nn.Linear``) whose backward adds the gradients of the weight and
+    bias into their ``.grad`` itself (the weight's by ``addmm_``: C += dy^T x in one
+    product) instead of returning them.
+
+    Autograd would make each micro-batch's weight gradient a new tensor and then add it to
+    ``.grad``: one more pass over every weight's gradient per micro-batch after the first
+    (~10% of a micro-batch's forward and backward for SmolLM2 in bf16) and, in bf16, a
+    second rounding. The parameters are not inputs of the autograd graph here, so autograd
+    never accumulates them (nor runs their gradient hooks). One process only: DDP reduces
+    the gradients autograd accumulates (it hooks that accumulation), so under DDP this is
+    off (``PackedLogprobs``)."""
+
+    @staticmethod
+    def forward(ctx, x, linear):
+        ctx.save_for_backward(x)
+        ctx.linear = linear
+        return F.linear(x, linear.weight, linear.bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,), weight, bias = ctx.saved_tensors, ctx.linear.weight, ctx.linear.bias
+        dx = dy @ weight if ctx.needs_input_grad[0] else None
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        if weight.grad is None:
+            weight.grad = dy2.T @ x2
+        else:
+            weight.grad.addmm_(dy2.T, x2)
+        if bias is not None and bias.requires_grad:
+            db = dy2.sum(0).to(bias.dtype)
+            if bias.grad is None:
+                bias.grad = db
+            else:
+                bias.grad.add_(db)
+        return dx, None
+
+
+def _linear(module, x, grads_in_place: bool):
+    """``module(x)``; with ``grads_in_place``, for a plain ``nn.Linear`` whose weight
+    trains in the dtype of ``x`` and of the compute: with its gradients added in place
+    (``_LinearGradInPlace``). Anything else (a LoRA-wrapped projection, a frozen or
+    differently typed weight) runs its own forward."""
+    w = module.weight if type(module) is torch.nn.Linear else None
+    device = x.device.type
+    # x must require a gradient: else autograd would never call the backward
+    if (not grads_in_place or w is None or not w.requires_grad or w.dtype != x.dtype
+            or not torch.is_grad_enabled() or not x.requires_grad
+            or torch.is_autocast_enabled(device)
+            and torch.get_autocast_dtype(device) != w.dtype):  # autocast would cast w
+        return module(x)
+    return _LinearGradInPlace.apply(x, module)
+
+
+def _layer(layer, h, cos, sin, layout: Layout, grads_in_place: bool = False):
     """One decoder layer over the packed states h [N, H]."""
-    attn = layer.self_attn
+    attn, mlp = layer.self_attn, layer.mlp
+    linear = lambda m, x: _linear(m, x, grads_in_place)  # noqa: E731
     x = layer.input_layernorm(h)
-    q = attn.q_proj(x).unflatten(-1, (-1, attn.head_dim))                  # [N, heads, d]
-    k = attn.k_proj(x).unflatten(-1, (-1, attn.head_dim))                  # [N, kv heads, d]
-    v = attn.v_proj(x).unflatten(-1, (-1, attn.head_dim))
+    q = linear(attn.q_proj, x).unflatten(-1, (-1, attn.head_dim))          # [N, heads, d]
+    k = linear(attn.k_proj, x).unflatten(-1, (-1, attn.head_dim))          # [N, kv heads, d]
+    v = linear(attn.v_proj, x).unflatten(-1, (-1, attn.head_dim))
     if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's queries and keys
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    h = h + attn.o_proj(layout.attend(q, k, v, attn.scaling))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    h = h + linear(attn.o_proj, layout.attend(q, k, v, attn.scaling))
+    x = layer.post_attention_layernorm(h)  # the gated MLP, as Llama's and Qwen's compute it
+    return h + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
 
 
 def packed_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_rows: int = 4,
-                    with_entropy: bool = False):
+                    with_entropy: bool = False, grads_in_place: bool = False):
     """Log-probs [B, C] of a ``GroupBatch``'s completion tokens (and their entropy), as
-    ``group_logprobs`` gives them, in one pass over the real tokens; see module doc."""
+    ``group_logprobs`` gives them, in one pass over the real tokens; see module doc.
+    ``grads_in_place``: the projections' weight gradients are added into ``.grad`` by
+    their backward (``_LinearGradInPlace``; one process only)."""
     decoder = model.get_decoder()
     eager = getattr(model.config, "_attn_implementation", None) == "eager"
     tokens, positions, layout = _layout(batch, eager)
@@ -156,9 +223,10 @@ def packed_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_ro
     cos, sin = cos[0], sin[0]
     for layer in decoder.layers:
         if getattr(layer, "_nanovppo_checkpointed", False) and torch.is_grad_enabled():
-            h = checkpoint(_layer, layer, h, cos, sin, layout, use_reentrant=False)
+            h = checkpoint(_layer, layer, h, cos, sin, layout, grads_in_place,
+                           use_reentrant=False)
         else:
-            h = _layer(layer, h, cos, sin, layout)
+            h = _layer(layer, h, cos, sin, layout, grads_in_place)
     h = decoder.norm(h)
     # The state before completion token j: its prompt's last (j = 0), else input j - 1's.
     cids, cmask, index = batch.completion_ids, batch.completion_mask, batch.group_index
@@ -166,17 +234,21 @@ def packed_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_ro
     first = h[last][index][:, None]                                         # [B, 1, H]
     rest = _to_padded(h[layout.n_prompt:], layout.input_mask)              # [B, C - 1, H]
     hidden = torch.cat([first, rest], dim=1)                                # [B, C, H]
-    return head_logprobs(model, hidden, cids, cmask, temperature, chunk_rows, with_entropy)
+    return head_logprobs(model, hidden, cids, cmask, temperature, chunk_rows, with_entropy,
+                         grads_in_place)
 
 
 class PackedLogprobs(torch.nn.Module):
     """``packed_logprobs`` of a policy as a module's forward (the fast path's
-    ``logprob_module`` in one process and under DDP, for the architectures it ``supports``)."""
+    ``logprob_module`` in one process and under DDP, for the architectures it ``supports``).
+    ``grads_in_place``: see ``packed_logprobs`` (in one process, not under DDP)."""
 
-    def __init__(self, model):
+    def __init__(self, model, grads_in_place: bool = False):
         super().__init__()
         self.model = model
+        self.grads_in_place = grads_in_place
 
     def forward(self, batch: GroupBatch, temperature: float = 1.0, chunk_rows: int = 4,
                 with_entropy: bool = False):
-        return packed_logprobs(self.model, batch, temperature, chunk_rows, with_entropy)
+        return packed_logprobs(self.model, batch, temperature, chunk_rows, with_entropy,
+                               self.grads_in_place)

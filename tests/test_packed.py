@@ -160,3 +160,68 @@ def test_ddp_takes_the_one_pass_forward_with_a_dense_embedding_gradient(tiny):
     assert isinstance(logprob_module(one, fast=True), PackedLogprobs)
     assert isinstance(logprob_module(ddp, fast=True, strategy="ddp"), PackedLogprobs)
     assert one.get_input_embeddings().sparse and not ddp.get_input_embeddings().sparse
+
+
+@pytest.mark.parametrize("case", ["llama", "checkpointed", "qwen2", "frozen embedding",
+                                  "fp32 weights, bf16 autocast"])
+def test_weight_gradients_added_in_place(tiny, case):
+    """In one process the projections' backward adds each weight's gradient into ``.grad``
+    itself (``grads_in_place``): over two micro-batches every parameter ends with the
+    gradient autograd accumulates, in the same ``.grad`` tensor as after the first, and
+    autograd never accumulated a projection's weight (its post-accumulate hook never ran).
+    Qwen2's biased projections get their bias gradients in place too, and its untied
+    output head its weight's gradient after the first micro-batch. With a frozen
+    embedding the first projection's input needs no gradient (autograd would not call its
+    backward): it runs as a plain module, the later ones in place. Under a bf16 autocast
+    over fp32 weights (the matmul's dtype is not the weight's) the plain modules run."""
+    from nanovppo.distributed import decoder_layers
+    from nanovppo.logprobs import checkpoint_layers
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model = (_tiny(Qwen2Config, Qwen2ForCausalLM) if case == "qwen2" else tiny[0])
+    plain, fused = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    if case == "checkpointed":
+        for m in (plain, fused):
+            checkpoint_layers(m, decoder_layers(m))
+    if case == "frozen embedding":  # tied to the head: the head freezes with it
+        for m in (plain, fused):
+            m.get_input_embeddings().weight.requires_grad_(False)
+            m.model.layers[0].input_layernorm.weight.requires_grad_(False)
+    batches = [pad_groups(PROMPTS, COMPLETIONS, 0), pad_groups([[40, 41, 42]], [[[43], [44, 45]]], 0)]
+    autocast = case.startswith("fp32")
+    probe_name = "model.layers.1.self_attn.k_proj.weight"
+    first_name = "model.layers.0.self_attn.k_proj.weight"
+
+    def run(m, in_place):
+        probe = dict(m.named_parameters())[probe_name]
+        hooked, grads_seen, first = [], [], []
+        probe.register_post_accumulate_grad_hook(lambda p: hooked.append(1))
+        dict(m.named_parameters())[first_name].register_post_accumulate_grad_hook(
+            lambda p: first.append(1))
+        head = []  # the gradients autograd passed to the output head's weight
+        if m.get_output_embeddings().weight.requires_grad:
+            m.get_output_embeddings().weight.register_hook(lambda g: head.append(g is not None))
+        for b in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                logp = packed_logprobs(m, b, 0.7, grads_in_place=in_place)
+            (logp * torch.arange(logp.numel()).view_as(logp)).sum().backward()
+            grads_seen.append(probe.grad)
+        return {n: p.grad for n, p in m.named_parameters()}, hooked, grads_seen, first, head
+
+    want, want_hooked, _, _, want_head = run(plain, False)
+    got, got_hooked, seen, first, head = run(fused, True)
+    if case == "qwen2":  # an untied head: after the first micro-batch its gradient went
+        assert want_head == [True, True] and head == [True, False]  # straight into .grad
+    assert len(first) == (2 if case == "frozen embedding" or autocast else 0)
+    assert len(want_hooked) == 2  # autograd accumulated the probe weight once a micro-batch
+    if autocast:  # the plain modules ran: autograd accumulated as before
+        assert len(got_hooked) == 2
+    else:
+        assert got_hooked == [] and seen[0] is seen[1]
+    assert got.keys() == want.keys()
+    assert [n for n, g in got.items() if g is None] == [n for n, g in want.items() if g is None]
+    assert sum(g is not None for g in got.values()) > 10
+    if case == "qwen2":
+        assert any(n.endswith("q_proj.bias") for n in got)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5)
