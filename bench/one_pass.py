@@ -36,23 +36,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nanovppo import distributed as dd  # noqa: E402
-from nanovppo.logprobs import GroupLogprobs, pad_groups  # noqa: E402
+from bench.micro_batches import add_arguments, micro_batch  # noqa: E402
+from nanovppo.logprobs import GroupLogprobs  # noqa: E402
 from nanovppo.models import autocast_ctx, load_model  # noqa: E402
 from nanovppo.packed import PackedLogprobs  # noqa: E402
 from nanovppo.policy import set_attention  # noqa: E402
-from nanovppo.rollout import render_prompt  # noqa: E402
 from tests.conftest import compose_cfg  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--groups", type=int, default=1, help="prompts in a micro-batch")
-    ap.add_argument("--group-size", type=int, default=8, help="completions per prompt")
-    ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--min-tokens", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--smoke", action="store_true", help="tiny random model, one repeat")
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides")
+    add_arguments(ap, groups=1, group_size=8, min_tokens=16, repeats=7)
     args = ap.parse_args()
     overrides = ["experiment=countdown_cpu", *args.overrides]
     if args.smoke:
@@ -76,17 +70,9 @@ def main() -> None:
                  "one pass": PackedLogprobs(policy)}
     gen = torch.Generator().manual_seed(d.rank)
 
-    def micro_batch(i):
-        i = i * d.world + d.rank  # each rank its own problems
-        examples = task.train_examples[i * args.groups:(i + 1) * args.groups]
-        prompts = [render_prompt(task, tok, ex) for ex in examples]
-        lengths = torch.randint(args.min_tokens, args.new_tokens + 1,
-                                (args.groups, args.group_size), generator=gen)
-        completions = [[torch.randint(0, len(tok), (int(n),), generator=gen).tolist()
-                        for n in row] for row in lengths]
-        return pad_groups(prompts, completions, tok.pad_token_id)
-
-    batches = [micro_batch(i) for i in range(args.repeats + 1)]
+    # each rank its own problems
+    batches = [micro_batch(task, tok, i * d.world + d.rank, args, gen)
+               for i in range(args.repeats + 1)]
     times = {name: [] for name in paths}
     diff, diffs = 0.0, []
     for i, batch in enumerate(batches):

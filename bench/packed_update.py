@@ -36,11 +36,10 @@ from hydra.utils import instantiate
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.micro_batches import add_arguments, micro_batch  # noqa: E402
 from nanovppo import packed  # noqa: E402
-from nanovppo.logprobs import pad_groups  # noqa: E402
 from nanovppo.models import autocast_ctx, load_model  # noqa: E402
 from nanovppo.policy import set_attention  # noqa: E402
-from nanovppo.rollout import render_prompt  # noqa: E402
 from tests.conftest import compose_cfg  # noqa: E402
 
 
@@ -76,14 +75,8 @@ VARIANTS = {"baseline (autograd adds, kv repeated)": (False, RepeatKV),
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--groups", type=int, default=2, help="prompts in a micro-batch")
-    ap.add_argument("--group-size", type=int, default=4, help="completions per prompt")
+    add_arguments(ap, groups=2, group_size=4, min_tokens=40, repeats=5)
     ap.add_argument("--micro", type=int, default=4, help="micro-batches in a minibatch")
-    ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--min-tokens", type=int, default=40)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--smoke", action="store_true", help="tiny random model, one repeat")
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides")
     args = ap.parse_args()
     overrides = ["experiment=countdown_cpu", f"model.cache_dir={ROOT}/outputs/cache/models",
                  *args.overrides]
@@ -100,16 +93,8 @@ def main() -> None:
                for name, (in_place, layout) in VARIANTS.items()}
     gen = torch.Generator().manual_seed(0)
 
-    def micro_batch(i):
-        examples = task.train_examples[i * args.groups:(i + 1) * args.groups]
-        prompts = [render_prompt(task, tok, ex) for ex in examples]
-        lengths = torch.randint(args.min_tokens, args.new_tokens + 1,
-                                (args.groups, args.group_size), generator=gen)
-        completions = [[torch.randint(0, len(tok), (int(n),), generator=gen).tolist()
-                        for n in row] for row in lengths]
-        return pad_groups(prompts, completions, tok.pad_token_id)
-
-    minibatches = [[micro_batch(j * args.micro + i) for i in range(args.micro)]
+    minibatches = [[micro_batch(task, tok, j * args.micro + i, args, gen)
+                    for i in range(args.micro)]
                    for j in range(args.repeats + 1)]
     times = {name: ([], []) for name in VARIANTS}
     for j, minibatch in enumerate(minibatches):

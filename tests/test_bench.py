@@ -15,7 +15,7 @@ from tests.test_cli import run_cli
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 # Modules of bench/ that are not scripts.
-HELPERS = {"bench_tasks.py"}
+HELPERS = {"bench_tasks.py", "micro_batches.py"}
 TINY_MODEL = "model=tiny-random"
 
 # script -> (its smoke arguments, a line its output must hold). "{store}" is the MLflow

@@ -187,7 +187,8 @@ def test_weight_gradients_added_in_place(tiny, case):
         for m in (plain, fused):
             m.get_input_embeddings().weight.requires_grad_(False)
             m.model.layers[0].input_layernorm.weight.requires_grad_(False)
-    batches = [pad_groups(PROMPTS, COMPLETIONS, 0), pad_groups([[40, 41, 42]], [[[43], [44, 45]]], 0)]
+    batches = [pad_groups(PROMPTS, COMPLETIONS, 0),
+               pad_groups([[40, 41, 42]], [[[43], [44, 45]]], 0)]
     autocast = case.startswith("fp32")
     probe_name = "model.layers.1.self_attn.k_proj.weight"
     first_name = "model.layers.0.self_attn.k_proj.weight"
