@@ -171,9 +171,10 @@ def test_weight_gradients_added_in_place(tiny, case):
     autograd never accumulated a projection's weight (its post-accumulate hook never ran).
     Qwen2's biased projections get their bias gradients in place too, and its untied
     output head its weight's gradient after the first micro-batch. With a frozen
-    embedding the first projection's input needs no gradient (autograd would not call its
-    backward): it runs as a plain module, the later ones in place. Under a bf16 autocast
-    over fp32 weights (the matmul's dtype is not the weight's) the plain modules run."""
+    embedding and first norm, the first layer's q/k/v inputs need no gradient (autograd
+    would not call their backward): those run as plain modules (autograd accumulates layer
+    0's k_proj), the later ones in place. Under a bf16 autocast over fp32 weights (the
+    matmul's dtype is not the weight's) the plain modules run."""
     from nanovppo.distributed import decoder_layers
     from nanovppo.logprobs import checkpoint_layers
     from transformers import Qwen2Config, Qwen2ForCausalLM
