@@ -67,7 +67,7 @@ def main() -> None:
                  "one pass": dd.wrap(PackedLogprobs(copy.deepcopy(policy)), "ddp", d, "cpu")}
     else:
         paths = {"two passes": GroupLogprobs(policy, split_backward=True),
-                 "one pass": PackedLogprobs(policy)}
+                 "one pass": PackedLogprobs(policy, grads_in_place=True)}  # as in the trainer
     gen = torch.Generator().manual_seed(d.rank)
 
     # each rank its own problems
