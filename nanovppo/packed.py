@@ -20,6 +20,12 @@ tokens of their own completion, not the other completions of the group. ``attend
 gathers the prompts and the completions into padded blocks for that and scatters the
 results back.
 
+What the forward keeps for the backward is its activation memory, which sets the
+update's peak: the RMSNorms (``_RMSNorm``), the gated MLP (``_GatedMLPGradInPlace``) and
+the eager attention (``_GroupedAttention``) are autograd functions here that keep less
+than the ops they replace and recompute the rest, with the same gradients (for a
+micro-batch of make train's, 437 MB -> ~250 MB: ``bench/packed_update.py``).
+
 The layers' submodules (norms, projections, MLP) are called directly, so this works for
 decoders built like Llama's (``SUPPORTED``: Llama, SmolLM2, Qwen2, Qwen2.5, Qwen3); other
 architectures take the two-pass path. FSDP2 gathers a layer's weights in the layer's own
@@ -100,11 +106,57 @@ class Layout(NamedTuple):
         # The query heads that share a kv head as rows of one product with it: no copies of
         # k and v per query head, and h / kv times fewer, larger products.
         qg = q.reshape(b, kv, h // kv * c, d)
-        scores = (qg @ k.transpose(-1, -2)) * scaling                      # [b, kv, h/kv*c, K]
-        scores = scores.view(b, kv, h // kv, c, -1).masked_fill(
-            ~mask[:, :, None], torch.finfo(scores.dtype).min)
-        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return (p.view(b, kv, h // kv * c, -1) @ v).view(b, h, c, d)
+        return _GroupedAttention.apply(qg, k, v, mask, scaling, h // kv).view(b, h, c, d)
+
+
+def _probabilities(qg, k, mask, scaling: float, groups: int) -> torch.Tensor:
+    """softmax(qg k^T * scaling) in float32 over the keys ``mask`` lets each query see;
+    qg [b, kv, groups * c, d] holds the ``groups`` query heads of each kv head as rows."""
+    scores = (qg @ k.transpose(-1, -2)) * scaling                          # [b, kv, g*c, K]
+    b, kv, rows, keys = scores.shape
+    scores = scores.view(b, kv, groups, rows // groups, keys).masked_fill(
+        ~mask[:, :, None], torch.finfo(scores.dtype).min)
+    return torch.softmax(scores.view(b, kv, rows, keys), dim=-1, dtype=torch.float32)
+
+
+class _GroupedAttention(torch.autograd.Function):
+    """The eager grouped-query attention, ``_probabilities(...)`` cast to ``v``'s dtype
+    times ``v``, keeping only its inputs: the backward computes the scores and the
+    probabilities again (one more product of q and k, and the softmax). Autograd would
+    keep the float32 probabilities and their cast copy, about a third of what a
+    micro-batch's forward keeps in make train; recomputing them measured no slower
+    (``bench/packed_update.py``). The gradients are autograd's for these ops, under the
+    autocast the forward ran in."""
+
+    @staticmethod
+    def forward(ctx, qg, k, v, mask, scaling: float, groups: int):
+        device = qg.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device),
+                        torch.is_autocast_enabled(device))
+        # the scores' dtype: autocast's (its matmul's), else the inputs'
+        ctx.scores_dtype = (ctx.autocast[1] if ctx.autocast[2]
+                            else torch.promote_types(qg.dtype, k.dtype))
+        ctx.scaling, ctx.groups = scaling, groups
+        ctx.save_for_backward(qg, k, v, mask)
+        return _probabilities(qg, k, mask, scaling, groups).to(v.dtype) @ v
+
+    @staticmethod
+    def backward(ctx, dout):
+        qg, k, v, mask = ctx.saved_tensors
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            probs = _probabilities(qg, k, mask, ctx.scaling, ctx.groups)
+            cast = probs.to(v.dtype)
+            dv = cast.transpose(-1, -2) @ dout
+            dprobs = (dout @ v.transpose(-1, -2)).float()
+            del cast
+            dscores = torch._softmax_backward_data(dprobs, probs, -1, torch.float32)
+            del probs, dprobs
+            dscores = dscores.to(ctx.scores_dtype)
+            b, kv, rows, keys = dscores.shape
+            dscores = dscores.view(b, kv, ctx.groups, rows // ctx.groups, keys).masked_fill(
+                ~mask[:, :, None], 0).view(b, kv, rows, keys) * ctx.scaling
+            return dscores @ k, dscores.transpose(-1, -2) @ qg, dv, None, None, None
 
 
 def _layout(batch: GroupBatch, eager: bool):
@@ -139,10 +191,27 @@ def _rotate(x, cos, sin):
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def _add_weight_grads(linear, dy, x) -> None:
+    """Add ``linear``'s weight (and bias) gradient for output gradient ``dy`` at input ``x``
+    into their ``.grad`` (the weight's by ``addmm_``: C += dy^T x in one product)."""
+    weight, bias = linear.weight, linear.bias
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    if weight.grad is None:
+        weight.grad = dy2.T @ x2
+    else:
+        weight.grad.addmm_(dy2.T, x2)
+    if bias is not None and bias.requires_grad:
+        db = dy2.sum(0).to(bias.dtype)
+        if bias.grad is None:
+            bias.grad = db
+        else:
+            bias.grad.add_(db)
+
+
 class _LinearGradInPlace(torch.autograd.Function):
     """``linear(x)`` (an ``nn.Linear``) whose backward adds the gradients of the weight and
-    bias into their ``.grad`` itself (the weight's by ``addmm_``: C += dy^T x in one
-    product) instead of returning them.
+    bias into their ``.grad`` itself (``_add_weight_grads``) instead of returning them.
 
     Autograd would make each micro-batch's weight gradient a new tensor and then add it to
     ``.grad``: one more pass over every weight's gradient per micro-batch after the first
@@ -160,53 +229,133 @@ class _LinearGradInPlace(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        (x,), weight, bias = ctx.saved_tensors, ctx.linear.weight, ctx.linear.bias
-        dx = dy @ weight if ctx.needs_input_grad[0] else None
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        if weight.grad is None:
-            weight.grad = dy2.T @ x2
-        else:
-            weight.grad.addmm_(dy2.T, x2)
-        if bias is not None and bias.requires_grad:
-            db = dy2.sum(0).to(bias.dtype)
-            if bias.grad is None:
-                bias.grad = db
-            else:
-                bias.grad.add_(db)
+        (x,), linear = ctx.saved_tensors, ctx.linear
+        dx = dy @ linear.weight if ctx.needs_input_grad[0] else None
+        _add_weight_grads(linear, dy, x)
         return dx, None
 
 
-def _linear(module, x, grads_in_place: bool):
-    """``module(x)``; with ``grads_in_place``, for a plain ``nn.Linear`` whose weight
-    trains in the dtype of ``x`` and of the compute: with its gradients added in place
-    (``_LinearGradInPlace``). Anything else (a LoRA-wrapped projection, a frozen or
-    differently typed weight) runs its own forward."""
+class _GatedMLPGradInPlace(torch.autograd.Function):
+    """Llama's gated MLP, ``down(silu(gate(x)) * up(x))``, with its three weights'
+    gradients added in place (as ``_LinearGradInPlace``) and only ``x``, ``gate(x)`` and
+    ``up(x)`` kept for the backward, which recomputes ``silu(gate(x))`` and the product
+    from them. Autograd's version of the same ops keeps those two as well, [N, intermediate]
+    each: of SmolLM2's ~33 KB of activations a token and layer in bf16, 6 KB. The gradients
+    are autograd's, op for op (``silu_backward`` is autograd's own kernel)."""
+
+    @staticmethod
+    def forward(ctx, x, mlp):
+        gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
+        up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
+        ctx.save_for_backward(x, gate, up)
+        ctx.mlp = mlp
+        return F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x, gate, up), mlp = ctx.saved_tensors, ctx.mlp
+        act = F.silu(gate)
+        dmid = dy @ mlp.down_proj.weight                  # the product's gradient
+        _add_weight_grads(mlp.down_proj, dy, act * up)
+        dup, dact = dmid * act, dmid * up
+        del act, dmid
+        dgate = torch.ops.aten.silu_backward(dact, gate)
+        del dact
+        _add_weight_grads(mlp.gate_proj, dgate, x)
+        _add_weight_grads(mlp.up_proj, dup, x)
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return dgate @ mlp.gate_proj.weight + dup @ mlp.up_proj.weight, None
+
+
+class _RMSNorm(torch.autograd.Function):
+    """Llama's (and Qwen's) RMSNorm, ``w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` with the
+    statistics in float32, keeping only ``x`` and each row's scale for the backward. The
+    module's own forward keeps a float32 copy of ``x`` and the normalised ``x`` as well
+    (3x the bytes of a bf16 ``x``); the backward here recomputes them. Its formulas are
+    autograd's for those ops, in the same dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        x32 = x.float()
+        scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, scale, weight)
+        return weight * (x32 * scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, scale, weight = ctx.saved_tensors
+        x32 = x.float()
+        dweight = dx = None
+        if ctx.needs_input_grad[1]:
+            normed = (x32 * scale).to(x.dtype)
+            dweight = (dy * normed).sum(tuple(range(dy.dim() - 1))).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            dnormed = (dy * weight).to(x.dtype).float()
+            dscale = (dnormed * x32).sum(-1, keepdim=True)
+            dmean = -0.5 * dscale * scale.pow(3) / x.shape[-1]
+            dx = (dnormed * scale + dmean * (2 * x32)).to(x.dtype)
+        return dx, dweight, None
+
+
+_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # the formula of ``_RMSNorm``
+
+
+def _norm(module, x):
+    """``module(x)``: an RMSNorm of ``_RMS_NORMS`` through ``_RMSNorm`` (less kept for the
+    backward), any other norm through its own forward."""
+    if type(module).__name__ not in _RMS_NORMS:
+        return module(x)
+    return _RMSNorm.apply(x, module.weight, module.variance_epsilon)
+
+
+def _in_place(module, x, grads_in_place: bool) -> bool:
+    """Whether ``module(x)`` can add its weight gradients in place: ``grads_in_place``, and
+    a plain ``nn.Linear`` whose weight trains in the dtype of ``x`` and of the compute.
+    Anything else (a LoRA-wrapped projection, a frozen or differently typed weight) runs
+    its own forward."""
     w = module.weight if type(module) is torch.nn.Linear else None
     device = x.device.type
     # x must require a gradient: else autograd would never call the backward
-    if (not grads_in_place or w is None or not w.requires_grad or w.dtype != x.dtype
-            or not torch.is_grad_enabled() or not x.requires_grad
-            or torch.is_autocast_enabled(device)
-            and torch.get_autocast_dtype(device) != w.dtype):  # autocast would cast w
+    return not (not grads_in_place or w is None or not w.requires_grad or w.dtype != x.dtype
+                or not torch.is_grad_enabled() or not x.requires_grad
+                or torch.is_autocast_enabled(device)
+                and torch.get_autocast_dtype(device) != w.dtype)  # autocast would cast w
+
+
+def _linear(module, x, grads_in_place: bool):
+    """``module(x)``, with its gradients added in place (``_LinearGradInPlace``) where
+    ``_in_place`` allows."""
+    if not _in_place(module, x, grads_in_place):
         return module(x)
     return _LinearGradInPlace.apply(x, module)
 
 
+def _mlp(mlp, x, grads_in_place: bool):
+    """The gated MLP of ``x``: through ``_GatedMLPGradInPlace`` where its three projections
+    can add their gradients in place and the activation is SiLU, else op by op (as Llama's
+    and Qwen's compute it)."""
+    projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if (type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation")
+            and all(_in_place(m, x, grads_in_place) for m in projections)):
+        return _GatedMLPGradInPlace.apply(x, mlp)
+    linear = lambda m, x: _linear(m, x, grads_in_place)  # noqa: E731
+    return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
+
+
 def _layer(layer, h, cos, sin, layout: Layout, grads_in_place: bool = False):
     """One decoder layer over the packed states h [N, H]."""
-    attn, mlp = layer.self_attn, layer.mlp
+    attn = layer.self_attn
     linear = lambda m, x: _linear(m, x, grads_in_place)  # noqa: E731
-    x = layer.input_layernorm(h)
+    x = _norm(layer.input_layernorm, h)
     q = linear(attn.q_proj, x).unflatten(-1, (-1, attn.head_dim))          # [N, heads, d]
     k = linear(attn.k_proj, x).unflatten(-1, (-1, attn.head_dim))          # [N, kv heads, d]
     v = linear(attn.v_proj, x).unflatten(-1, (-1, attn.head_dim))
     if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's queries and keys
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     h = h + linear(attn.o_proj, layout.attend(q, k, v, attn.scaling))
-    x = layer.post_attention_layernorm(h)  # the gated MLP, as Llama's and Qwen's compute it
-    return h + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
+    return h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h), grads_in_place)
 
 
 def packed_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_rows: int = 4,
@@ -227,7 +376,7 @@ def packed_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_ro
                            use_reentrant=False)
         else:
             h = _layer(layer, h, cos, sin, layout, grads_in_place)
-    h = decoder.norm(h)
+    h = _norm(decoder.norm, h)
     # The state before completion token j: its prompt's last (j = 0), else input j - 1's.
     cids, cmask, index = batch.completion_ids, batch.completion_mask, batch.group_index
     last = layout.prompt_mask.sum(-1).cumsum(0) - 1                         # [G] packed index

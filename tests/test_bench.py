@@ -31,7 +31,7 @@ SMOKE = {
                     "hf"),
     "model_load.py": (["--smoke"], "second load"),
     "one_pass.py": (["--smoke"], "| one pass |"),
-    "packed_update.py": (["--smoke"], "| both (now) |"),
+    "packed_update.py": (["--smoke"], "| all three (now) |"),
     "run_table.py": (["--tracking-uri", "{store}"], "wall min"),
     "same_seed.py": (["--smoke"], "metrics,"),
     "seen_unseen.py": (["--smoke"], "greedy acc"),

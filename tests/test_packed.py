@@ -53,17 +53,20 @@ def test_completions_of_one_token_only(tiny):
         torch.testing.assert_close(logp[r], naive_logprobs(model, p, c)[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("checkpointed", [False, True])
-def test_packed_gradients_equal_plain_gradients(tiny, checkpointed):
+@pytest.mark.parametrize("checkpointed,attention", [(False, "sdpa"), (True, "sdpa"),
+                                                    (False, "eager"), (True, "eager")])
+def test_packed_gradients_equal_plain_gradients(tiny, checkpointed, attention):
     """The same gradient for every parameter as the padded forward of each sequence with
-    its own prompt, with activation checkpointing too; each weight's gradient arrives in
-    one part (the two-pass forward accumulates two for every weight)."""
+    its own prompt (sdpa attention), with activation checkpointing too, the packed forward
+    with sdpa or with its eager attention (``_GroupedAttention``); each weight's gradient
+    arrives in one part (the two-pass forward accumulates two for every weight)."""
     from nanovppo.distributed import decoder_layers
     from nanovppo.logprobs import checkpoint_layers
 
     model, tok = tiny
     model = copy.deepcopy(model).train()
     plain = copy.deepcopy(model)
+    model.set_attn_implementation(attention)
     if checkpointed:
         checkpoint_layers(model, decoder_layers(model))
     weights = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
@@ -227,3 +230,106 @@ def test_weight_gradients_added_in_place(tiny, case):
         assert any(n.endswith("q_proj.bias") for n in got)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5)
+
+
+def _kept(module, run):
+    """Bytes of the distinct storages autograd keeps for the backward while ``run()`` builds
+    the graph, ``module``'s parameters (and views of them) left out, and ``run()``'s
+    result."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return sum(kept.values()), out
+
+
+def test_norms_the_mlp_and_attention_keep_less_for_the_backward(tiny):
+    """The RMSNorm keeps its input and each row's scale, the gated MLP (gradients in
+    place) its input, gate(x) and up(x), the eager attention its inputs, with the
+    gradients of the ops they replace. For N rows of H = 64
+    (intermediate I = 128 in the tiny Llama) in bf16:
+
+    - norm: x (2NH bytes) + the scale (4N) against the module's float32 x (4NH), its
+      normalised x in bf16 (2NH) and its scale (4N): 2NH + 4N against 6NH + 4N;
+    - MLP: x (2NH) + gate(x), up(x) (2NI each) against those + silu(gate(x)) and the
+      product (2NI each): 2N(H + 2I) against 2N(H + 4I);
+    - attention of q [2, 3, 2 * 5, 8] (3 kv heads, 2 query heads each, 5 queries) over k, v
+      [2, 3, 6, 8] (6 keys), mask [2, 1, 5, 6], in bf16: q, k, v (2Q + 2K + 2V bytes) and
+      the mask (M) against those + the float32 probabilities (4S, S = 2 * 3 * 10 * 6
+      scores) and their bf16 copy (2S).
+
+    Gradients in bf16: the norm's are the module's to one bf16 rounding, the MLP's and the
+    attention's the op-by-op ones' (the same ops in the same order); the attention's also
+    under a bf16 autocast with float32 q (the rotation's output there)."""
+    from nanovppo.packed import _GroupedAttention, _mlp, _norm
+
+    model, _ = tiny
+    layer = copy.deepcopy(model.model.layers[0]).to(torch.bfloat16).train()
+    N, H, I = 7, model.config.hidden_size, model.config.intermediate_size
+    assert (H, I) == (64, 128)
+    x = torch.randn(N, H, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    dy = torch.randn(N, H, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+
+    def grads(fn):
+        layer.zero_grad(set_to_none=True)
+        xin = x.clone().requires_grad_()
+        size, y = _kept(layer, lambda: fn(xin))
+        y.backward(dy)
+        return size, y.detach(), xin.grad, {n: p.grad for n, p in layer.named_parameters()
+                                            if p.grad is not None}
+
+    norm = layer.input_layernorm
+    got, want = grads(lambda t: _norm(norm, t)), grads(norm)
+    assert (got[0], want[0]) == (2 * N * H + 4 * N, 6 * N * H + 4 * N)
+    assert torch.equal(got[1], want[1])
+    for g, w in [(got[2], want[2]), (got[3]["input_layernorm.weight"],
+                                     want[3]["input_layernorm.weight"])]:
+        torch.testing.assert_close(g, w, atol=0, rtol=2 ** -7)  # one bf16 rounding apart
+
+    mlp = layer.mlp
+    op_by_op = lambda t: mlp.down_proj(mlp.act_fn(mlp.gate_proj(t)) * mlp.up_proj(t))  # noqa: E731
+    got, want = grads(lambda t: _mlp(mlp, t, True)), grads(op_by_op)
+    assert (got[0], want[0]) == (2 * N * (H + 2 * I), 2 * N * (H + 4 * I))
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert got[3].keys() == want[3].keys() == {f"mlp.{p}_proj.weight"
+                                               for p in ("gate", "up", "down")}
+    for name in want[3]:
+        assert torch.equal(got[3][name], want[3][name]), name
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 3, 10, 8, generator=g)
+    k, v = torch.randn(2, 3, 6, 8, generator=g), torch.randn(2, 3, 6, 8, generator=g)
+    mask = torch.rand(2, 1, 5, 6, generator=g) < 0.7
+    mask[0, 0, 1] = False  # a query that sees no key
+    dout = torch.randn(2, 3, 10, 8, generator=g).to(torch.bfloat16)
+    Q, K, V, M, S = q.numel(), k.numel(), v.numel(), mask.numel(), 2 * 3 * 10 * 6
+
+    def op_by_op(q, k, v):
+        scores = (q @ k.transpose(-1, -2)) * 0.3
+        scores = scores.view(2, 3, 2, 5, 6).masked_fill(~mask[:, :, None],
+                                                        torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.view(2, 3, 10, 6), dim=-1, dtype=torch.float32)
+        return probs.to(v.dtype) @ v
+
+    for autocast, q_dtype in [(False, torch.bfloat16), (True, torch.float32)]:
+        def attention(fn):
+            ins = [q.to(q_dtype).requires_grad_(), k.to(torch.bfloat16).requires_grad_(),
+                   v.to(torch.bfloat16).requires_grad_()]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                size, out = _kept(layer, lambda: fn(*ins))
+            out.backward(dout)
+            return size, out.detach(), *(t.grad for t in ins)
+
+        got = attention(lambda q, k, v: _GroupedAttention.apply(q, k, v, mask, 0.3, 2))
+        want = attention(op_by_op)
+        if not autocast:
+            assert (got[0], want[0]) == (2 * (Q + K + V) + M, 2 * (Q + K + V) + M + 6 * S)
+        assert got[2].dtype == q_dtype
+        for a, b in zip(got[1:], want[1:]):
+            assert torch.equal(a, b)
