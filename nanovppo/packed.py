@@ -22,9 +22,9 @@ results back.
 
 What the forward keeps for the backward is its activation memory, which sets the
 update's peak: the RMSNorms (``_RMSNorm``), the gated MLP (``_GatedMLPGradInPlace``) and
-the eager attention (``_GroupedAttention``) are autograd functions here that keep less
-than the ops they replace and recompute the rest, with the same gradients (for a
-micro-batch of make train's, 437 MB -> ~250 MB: ``bench/packed_update.py``).
+the eager attention's softmax (``_SoftmaxTimesV``) are autograd functions here that
+keep less than the ops they replace (and recompute the rest), with the same gradients:
+for a micro-batch of make train's, 437 MB -> 261 MB (``bench/packed_update.py``).
 
 The layers' submodules (norms, projections, MLP) are called directly, so this works for
 decoders built like Llama's (``SUPPORTED``: Llama, SmolLM2, Qwen2, Qwen2.5, Qwen3); other
@@ -106,57 +106,36 @@ class Layout(NamedTuple):
         # The query heads that share a kv head as rows of one product with it: no copies of
         # k and v per query head, and h / kv times fewer, larger products.
         qg = q.reshape(b, kv, h // kv * c, d)
-        return _GroupedAttention.apply(qg, k, v, mask, scaling, h // kv).view(b, h, c, d)
+        scores = (qg @ k.transpose(-1, -2)) * scaling                      # [b, kv, h/kv*c, K]
+        scores = scores.view(b, kv, h // kv, c, -1).masked_fill(
+            ~mask[:, :, None], torch.finfo(scores.dtype).min)
+        return _SoftmaxTimesV.apply(scores.view(b, kv, h // kv * c, -1), v).view(b, h, c, d)
 
 
-def _probabilities(qg, k, mask, scaling: float, groups: int) -> torch.Tensor:
-    """softmax(qg k^T * scaling) in float32 over the keys ``mask`` lets each query see;
-    qg [b, kv, groups * c, d] holds the ``groups`` query heads of each kv head as rows."""
-    scores = (qg @ k.transpose(-1, -2)) * scaling                          # [b, kv, g*c, K]
-    b, kv, rows, keys = scores.shape
-    scores = scores.view(b, kv, groups, rows // groups, keys).masked_fill(
-        ~mask[:, :, None], torch.finfo(scores.dtype).min)
-    return torch.softmax(scores.view(b, kv, rows, keys), dim=-1, dtype=torch.float32)
-
-
-class _GroupedAttention(torch.autograd.Function):
-    """The eager grouped-query attention, ``_probabilities(...)`` cast to ``v``'s dtype
-    times ``v``, keeping only its inputs: the backward computes the scores and the
-    probabilities again (one more product of q and k, and the softmax). Autograd would
-    keep the float32 probabilities and their cast copy, about a third of what a
-    micro-batch's forward keeps in make train; recomputing them measured no slower
-    (``bench/packed_update.py``). The gradients are autograd's for these ops, under the
-    autocast the forward ran in."""
+class _SoftmaxTimesV(torch.autograd.Function):
+    """``softmax(scores)`` in float32, cast to ``v``'s dtype, times ``v``, keeping only the
+    float32 probabilities (and ``v``) for the backward: autograd would keep their cast copy
+    too, half as many bytes again. The gradients are autograd's for these ops. (Keeping
+    nothing and recomputing the probabilities in the backward saves three times as much
+    but made make train's update ~7% slower: ``bench/packed_update.py``.)"""
 
     @staticmethod
-    def forward(ctx, qg, k, v, mask, scaling: float, groups: int):
-        device = qg.device.type
-        ctx.autocast = (device, torch.get_autocast_dtype(device),
-                        torch.is_autocast_enabled(device))
-        # the scores' dtype: autocast's (its matmul's), else the inputs'
-        ctx.scores_dtype = (ctx.autocast[1] if ctx.autocast[2]
-                            else torch.promote_types(qg.dtype, k.dtype))
-        ctx.scaling, ctx.groups = scaling, groups
-        ctx.save_for_backward(qg, k, v, mask)
-        return _probabilities(qg, k, mask, scaling, groups).to(v.dtype) @ v
+    def forward(ctx, scores, v):
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        ctx.save_for_backward(probs, v)
+        ctx.scores_dtype = scores.dtype
+        return probs.to(v.dtype) @ v
 
     @staticmethod
     def backward(ctx, dout):
-        qg, k, v, mask = ctx.saved_tensors
-        device, dtype, enabled = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            probs = _probabilities(qg, k, mask, ctx.scaling, ctx.groups)
-            cast = probs.to(v.dtype)
-            dv = cast.transpose(-1, -2) @ dout
+        probs, v = ctx.saved_tensors
+        dv = probs.to(v.dtype).transpose(-1, -2) @ dout if ctx.needs_input_grad[1] else None
+        dscores = None
+        if ctx.needs_input_grad[0]:
             dprobs = (dout @ v.transpose(-1, -2)).float()
-            del cast
             dscores = torch._softmax_backward_data(dprobs, probs, -1, torch.float32)
-            del probs, dprobs
             dscores = dscores.to(ctx.scores_dtype)
-            b, kv, rows, keys = dscores.shape
-            dscores = dscores.view(b, kv, ctx.groups, rows // ctx.groups, keys).masked_fill(
-                ~mask[:, :, None], 0).view(b, kv, rows, keys) * ctx.scaling
-            return dscores @ k, dscores.transpose(-1, -2) @ qg, dv, None, None, None
+        return dscores, dv
 
 
 def _layout(batch: GroupBatch, eager: bool):

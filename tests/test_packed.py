@@ -58,7 +58,7 @@ def test_completions_of_one_token_only(tiny):
 def test_packed_gradients_equal_plain_gradients(tiny, checkpointed, attention):
     """The same gradient for every parameter as the padded forward of each sequence with
     its own prompt (sdpa attention), with activation checkpointing too, the packed forward
-    with sdpa or with its eager attention (``_GroupedAttention``); each weight's gradient
+    with sdpa or with its eager attention (``_SoftmaxTimesV``); each weight's gradient
     arrives in one part (the two-pass forward accumulates two for every weight)."""
     from nanovppo.distributed import decoder_layers
     from nanovppo.logprobs import checkpoint_layers
@@ -251,23 +251,21 @@ def _kept(module, run):
 
 def test_norms_the_mlp_and_attention_keep_less_for_the_backward(tiny):
     """The RMSNorm keeps its input and each row's scale, the gated MLP (gradients in
-    place) its input, gate(x) and up(x), the eager attention its inputs, with the
-    gradients of the ops they replace. For N rows of H = 64
+    place) its input, gate(x) and up(x), the eager attention's softmax its float32
+    probabilities only, with the gradients of the ops they replace. For N rows of H = 64
     (intermediate I = 128 in the tiny Llama) in bf16:
 
     - norm: x (2NH bytes) + the scale (4N) against the module's float32 x (4NH), its
       normalised x in bf16 (2NH) and its scale (4N): 2NH + 4N against 6NH + 4N;
     - MLP: x (2NH) + gate(x), up(x) (2NI each) against those + silu(gate(x)) and the
       product (2NI each): 2N(H + 2I) against 2N(H + 4I);
-    - attention of q [2, 3, 2 * 5, 8] (3 kv heads, 2 query heads each, 5 queries) over k, v
-      [2, 3, 6, 8] (6 keys), mask [2, 1, 5, 6], in bf16: q, k, v (2Q + 2K + 2V bytes) and
-      the mask (M) against those + the float32 probabilities (4S, S = 2 * 3 * 10 * 6
-      scores) and their bf16 copy (2S).
+    - softmax(scores) @ v for S scores [2, 3, 10, 6] and v [2, 3, 6, 8] in bf16: the
+      float32 probabilities (4S bytes) and v (2V) against those + their bf16 copy (2S).
 
     Gradients in bf16: the norm's are the module's to one bf16 rounding, the MLP's and the
     attention's the op-by-op ones' (the same ops in the same order); the attention's also
-    under a bf16 autocast with float32 q (the rotation's output there)."""
-    from nanovppo.packed import _GroupedAttention, _mlp, _norm
+    under a bf16 autocast with float32 scores."""
+    from nanovppo.packed import _mlp, _norm, _SoftmaxTimesV
 
     model, _ = tiny
     layer = copy.deepcopy(model.model.layers[0]).to(torch.bfloat16).train()
@@ -303,33 +301,21 @@ def test_norms_the_mlp_and_attention_keep_less_for_the_backward(tiny):
         assert torch.equal(got[3][name], want[3][name]), name
 
     g = torch.Generator().manual_seed(2)
-    q = torch.randn(2, 3, 10, 8, generator=g)
-    k, v = torch.randn(2, 3, 6, 8, generator=g), torch.randn(2, 3, 6, 8, generator=g)
-    mask = torch.rand(2, 1, 5, 6, generator=g) < 0.7
-    mask[0, 0, 1] = False  # a query that sees no key
+    scores, v = torch.randn(2, 3, 10, 6, generator=g), torch.randn(2, 3, 6, 8, generator=g)
     dout = torch.randn(2, 3, 10, 8, generator=g).to(torch.bfloat16)
-    Q, K, V, M, S = q.numel(), k.numel(), v.numel(), mask.numel(), 2 * 3 * 10 * 6
+    S, V = scores.numel(), v.numel()
 
-    def op_by_op(q, k, v):
-        scores = (q @ k.transpose(-1, -2)) * 0.3
-        scores = scores.view(2, 3, 2, 5, 6).masked_fill(~mask[:, :, None],
-                                                        torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.view(2, 3, 10, 6), dim=-1, dtype=torch.float32)
-        return probs.to(v.dtype) @ v
-
-    for autocast, q_dtype in [(False, torch.bfloat16), (True, torch.float32)]:
+    for autocast, s_dtype in [(False, torch.bfloat16), (True, torch.float32)]:
         def attention(fn):
-            ins = [q.to(q_dtype).requires_grad_(), k.to(torch.bfloat16).requires_grad_(),
-                   v.to(torch.bfloat16).requires_grad_()]
+            ins = [scores.to(s_dtype).requires_grad_(), v.to(torch.bfloat16).requires_grad_()]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 size, out = _kept(layer, lambda: fn(*ins))
             out.backward(dout)
             return size, out.detach(), *(t.grad for t in ins)
 
-        got = attention(lambda q, k, v: _GroupedAttention.apply(q, k, v, mask, 0.3, 2))
-        want = attention(op_by_op)
-        if not autocast:
-            assert (got[0], want[0]) == (2 * (Q + K + V) + M, 2 * (Q + K + V) + M + 6 * S)
-        assert got[2].dtype == q_dtype
+        got = attention(lambda s, v: _SoftmaxTimesV.apply(s, v))
+        want = attention(lambda s, v: torch.softmax(s, -1, dtype=torch.float32).to(v.dtype) @ v)
+        assert (got[0], want[0]) == (4 * S + 2 * V, 6 * S + 2 * V)
+        assert got[2].dtype == s_dtype
         for a, b in zip(got[1:], want[1:]):
             assert torch.equal(a, b)
