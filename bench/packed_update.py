@@ -17,15 +17,16 @@ kv"):
 - probabilities kept once (``_SoftmaxTimesV``): the eager attention keeps its float32
   probabilities, not also their bf16 copy (as before: ``GroupedKV``).
 
-Two candidates not kept, by name: the head in chunks of 2 rows (``trainer.logprob_chunk_rows``
-is 4), and the attention keeping only q, k, v and recomputing its probabilities in the
-backward (``RecomputedProbs``).
+Two candidates not taken, by name: the head in chunks of 2 rows
+(``trainer.logprob_chunk_rows`` is 4), and the attention keeping only q, k, v and the mask
+and recomputing its probabilities in the backward (``RecomputedProbs``).
 
 The earlier two, by name: gradients in place (``grads_in_place``: each projection's
 backward adds its weight gradient into ``.grad`` by ``addmm_``; the baseline: autograd
 adds, as under DDP) and grouped-query attention without copies (the baseline: k and v
 repeated for every query head, as ``repeat_interleave`` did; reconstructed here as
-``RepeatKV``; grouped as before the third change: ``GroupedKV``).
+``RepeatKV``; grouped, as before the probabilities were kept once: ``GroupedKV``).
+``--variants`` names any of ``VARIANTS``, e.g. "norms and MLP" (the attention as before).
 
 A minibatch is ``--micro`` micro-batches of ``--groups`` prompts x ``--group-size``
 completions of ``--min-tokens`` to ``--new-tokens`` random tokens, make train's weights and

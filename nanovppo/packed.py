@@ -116,8 +116,9 @@ class _SoftmaxTimesV(torch.autograd.Function):
     """``softmax(scores)`` in float32, cast to ``v``'s dtype, times ``v``, keeping only the
     float32 probabilities (and ``v``) for the backward: autograd would keep their cast copy
     too, half as many bytes again. The gradients are autograd's for these ops. (Keeping
-    nothing and recomputing the probabilities in the backward saves three times as much
-    but made make train's update ~7% slower: ``bench/packed_update.py``.)"""
+    only q, k and v and recomputing the probabilities in the backward keeps 55 MB less
+    for a micro-batch of make train's, and measured 1.01-1.07x the update's time:
+    ``bench/packed_update.py``, docs/results.md.)"""
 
     @staticmethod
     def forward(ctx, scores, v):
@@ -219,8 +220,8 @@ class _GatedMLPGradInPlace(torch.autograd.Function):
     gradients added in place (as ``_LinearGradInPlace``) and only ``x``, ``gate(x)`` and
     ``up(x)`` kept for the backward, which recomputes ``silu(gate(x))`` and the product
     from them. Autograd's version of the same ops keeps those two as well, [N, intermediate]
-    each: of SmolLM2's ~33 KB of activations a token and layer in bf16, 6 KB. The gradients
-    are autograd's, op for op (``silu_backward`` is autograd's own kernel)."""
+    each: for SmolLM2 in bf16, 6 KB a token and layer of the ~30 KB the forward kept. The
+    gradients are autograd's, op for op (``silu_backward`` is autograd's own kernel)."""
 
     @staticmethod
     def forward(ctx, x, mlp):
