@@ -206,6 +206,24 @@ def test_sampling_without_logprobs_gives_the_same_tokens_and_none(engine):
     assert all(c.logprobs is None and c.token_ids for g in sampled for c in g)
 
 
+def test_a_call_without_logprobs_skips_the_samplers_log_softmax(policy, engine):
+    """vLLM's sampler in ``processed_logprobs`` mode takes a vocabulary-wide log-softmax at
+    every sampled position; a call that wants no log-probs switches it off, and the next
+    call that wants them gets them again, equal to the trainer's."""
+    def mode():
+        seen = []
+        engine.llm.collective_rpc(lambda w: seen.append(
+            getattr(w, "worker", w).model_runner.sampler.topk_topp_sampler.logprobs_mode))
+        return seen[0]
+
+    sampling = Sampling(n=2, temperature=1.0, max_new_tokens=6)
+    engine.generate(PROMPTS, replace(sampling, logprobs=False))
+    assert mode() == "raw_logprobs"
+    groups = engine.generate(PROMPTS, sampling)
+    assert mode() == "processed_logprobs"
+    assert_logprobs_match(policy[0], groups, 1.0)
+
+
 def test_bf16_engine_agrees_with_the_trainer_within_bf16_precision(policy):
     model, tok = policy
     eng = make_engine("vllm", copy.deepcopy(model), tok, dtype="bfloat16")
