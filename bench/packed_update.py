@@ -57,7 +57,7 @@ from bench.micro_batches import add_arguments, micro_batch  # noqa: E402
 from nanovppo import packed  # noqa: E402
 from nanovppo.models import autocast_ctx, load_model  # noqa: E402
 from nanovppo.policy import set_attention  # noqa: E402
-from tests.conftest import compose_cfg  # noqa: E402
+from tests.conftest import compose_cfg, kept_bytes  # noqa: E402
 
 
 class RepeatKV(packed.Layout):
@@ -135,7 +135,8 @@ class _GroupedAttention(torch.autograd.Function):
 
 class RecomputedProbs(packed.Layout):
     """The eager attention keeping only q, k, v and the mask, recomputing the scores and
-    probabilities in its backward (a candidate measured here, not kept: ~7% slower)."""
+    probabilities in its backward (a candidate measured here, not taken: 1.01-1.07x the
+    update's time for 55 MB less a micro-batch)."""
 
     def _kernel(self, q, k, v, mask, scaling):
         b, h, c, d = q.shape
@@ -184,23 +185,6 @@ DEFAULT = ["in place + grouped kv", "norms keep their input", "MLP recomputes",
            "probabilities kept once", "all three (now)"]
 
 
-def saved_bytes(module, run) -> tuple[int, torch.Tensor]:
-    """Bytes of the distinct storages autograd keeps for the backward while ``run()``
-    builds the graph, parameters left out."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    return sum(kept.values()), out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_arguments(ap, groups=2, group_size=4, min_tokens=40, repeats=5)
@@ -240,7 +224,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 with autocast_ctx(cfg):
                     if j == 0:  # untimed: what the forward keeps for the backward
-                        size, logp = saved_bytes(module, forward)
+                        size, logp = kept_bytes(module, forward)
                         kept[name].append(size)
                     else:
                         logp = forward()

@@ -297,10 +297,10 @@ def _in_place(module, x, grads_in_place: bool) -> bool:
     w = module.weight if type(module) is torch.nn.Linear else None
     device = x.device.type
     # x must require a gradient: else autograd would never call the backward
-    return not (not grads_in_place or w is None or not w.requires_grad or w.dtype != x.dtype
-                or not torch.is_grad_enabled() or not x.requires_grad
-                or torch.is_autocast_enabled(device)
-                and torch.get_autocast_dtype(device) != w.dtype)  # autocast would cast w
+    return (grads_in_place and w is not None and w.requires_grad and w.dtype == x.dtype
+            and torch.is_grad_enabled() and x.requires_grad
+            and not (torch.is_autocast_enabled(device)  # autocast would cast w
+                     and torch.get_autocast_dtype(device) != w.dtype))
 
 
 def _linear(module, x, grads_in_place: bool):

@@ -49,6 +49,23 @@ def hf_engine(model, tok, seed: int = 0, **options):
                                                    **options})
 
 
+
+def kept_bytes(module, run):
+    """Bytes of the distinct storages autograd keeps for the backward while ``run()`` builds
+    the graph, ``module``'s parameters (and views of them) left out, and ``run()``'s
+    result (``tests/test_packed.py``, ``bench/packed_update.py``)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return sum(kept.values()), out
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer) of the tiny random Llama, loaded once."""

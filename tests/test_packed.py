@@ -8,6 +8,7 @@ import torch
 
 from nanovppo.logprobs import GroupLogprobs, completion_logprobs, pad_batch, pad_groups
 from nanovppo.packed import PackedLogprobs, packed_logprobs, supports
+from tests.conftest import kept_bytes
 from tests.test_logprobs import COMPLETIONS, PROMPTS, naive_logprobs
 
 PAIRS = [(p, c) for p, group in zip(PROMPTS, COMPLETIONS) for c in group]
@@ -232,23 +233,6 @@ def test_weight_gradients_added_in_place(tiny, case):
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5)
 
 
-def _kept(module, run):
-    """Bytes of the distinct storages autograd keeps for the backward while ``run()`` builds
-    the graph, ``module``'s parameters (and views of them) left out, and ``run()``'s
-    result."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    kept = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    return sum(kept.values()), out
-
-
 def test_norms_the_mlp_and_attention_keep_less_for_the_backward(tiny):
     """The RMSNorm keeps its input and each row's scale, the gated MLP (gradients in
     place) its input, gate(x) and up(x), the eager attention's softmax its float32
@@ -277,7 +261,7 @@ def test_norms_the_mlp_and_attention_keep_less_for_the_backward(tiny):
     def grads(fn):
         layer.zero_grad(set_to_none=True)
         xin = x.clone().requires_grad_()
-        size, y = _kept(layer, lambda: fn(xin))
+        size, y = kept_bytes(layer, lambda: fn(xin))
         y.backward(dy)
         return size, y.detach(), xin.grad, {n: p.grad for n, p in layer.named_parameters()
                                             if p.grad is not None}
@@ -309,7 +293,7 @@ def test_norms_the_mlp_and_attention_keep_less_for_the_backward(tiny):
         def attention(fn):
             ins = [scores.to(s_dtype).requires_grad_(), v.to(torch.bfloat16).requires_grad_()]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                size, out = _kept(layer, lambda: fn(*ins))
+                size, out = kept_bytes(layer, lambda: fn(*ins))
             out.backward(dout)
             return size, out.detach(), *(t.grad for t in ins)
 
