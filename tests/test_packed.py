@@ -41,6 +41,33 @@ def test_packed_logprobs_equal_a_forward_of_each_sequence(tiny, attention):
         assert torch.all(logp[r, len(c):] == 0)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_padding_rows_change_nothing(tiny, monkeypatch, attention):
+    """The packed rows are padded to a multiple of ``ROW_MULTIPLE``: the layers run on
+    that many rows, and the log-probs and every gradient are those of the unpadded pass.
+    PROMPTS and COMPLETIONS pack 5 + 2 prompt tokens and 2 + 0 + 3 + 1 + 2 completion
+    inputs (each completion but its last token) = 15 rows: 16 with a multiple of 8."""
+    import nanovppo.packed as packed
+
+    model, tok = tiny
+    model = copy.deepcopy(model).train()
+    model.set_attn_implementation(attention)
+    rows = []
+    model.model.embed_tokens.register_forward_pre_hook(lambda m, args: rows.append(len(args[0])))
+    weights = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    batch = pad_groups(PROMPTS, COMPLETIONS, tok.pad_token_id)
+    results = {}
+    for multiple in (1, 8):
+        monkeypatch.setattr(packed, "ROW_MULTIPLE", multiple)
+        results[multiple] = grads_of(model, lambda: packed_logprobs(model, batch, 0.7), weights)
+    assert rows == [15, 16]
+    (want_logp, want), (got_logp, got) = results[1], results[8]
+    torch.testing.assert_close(got_logp, want_logp, atol=1e-6, rtol=1e-6)
+    assert got.keys() == want.keys() and len(got) > 5
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5)
+
+
 def test_completions_of_one_token_only(tiny):
     """With every completion one token long no completion token is an input: each is
     scored from its prompt's last state alone."""
