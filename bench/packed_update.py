@@ -17,9 +17,12 @@ kv"):
 - probabilities kept once (``_SoftmaxTimesV``): the eager attention keeps its float32
   probabilities, not also their bf16 copy (as before: ``GroupedKV``).
 
-Two candidates not taken, by name: the head in chunks of 2 rows
-(``trainer.logprob_chunk_rows`` is 4), and the attention keeping only q, k, v and the mask
-and recomputing its probabilities in the backward (``RecomputedProbs``).
+A candidate not taken, by name: the head in chunks of 2 rows (``trainer.logprob_chunk_rows``
+is 4). The attention keeping only q, k, v and the mask and recomputing its probabilities
+in the backward at any length ("norms, MLP, attention recomputed", ``RecomputedProbs``) or
+keeping them at any length ("norms, MLP, probabilities kept at any length",
+``KeptProbs``): the package keeps them up to ``packed.RECOMPUTED_PROBS_BYTES`` a call and
+recomputes above (compare the three with ``--new-tokens 96`` or 256).
 
 The earlier two, by name: gradients in place (``grads_in_place``: each projection's
 backward adds its weight gradient into ``.grad`` by ``addmm_``; the baseline: autograd
@@ -86,63 +89,29 @@ class GroupedKV(packed.Layout):
         return (p.view(b, kv, h // kv * c, -1) @ v).view(b, h, c, d)
 
 
-def _probabilities(qg, k, mask, scaling: float, groups: int) -> torch.Tensor:
-    """softmax(qg k^T * scaling) in float32 over the keys ``mask`` lets each query see;
-    qg [b, kv, groups * c, d] holds the ``groups`` query heads of each kv head as rows."""
-    scores = (qg @ k.transpose(-1, -2)) * scaling                          # [b, kv, g*c, K]
-    b, kv, rows, keys = scores.shape
-    scores = scores.view(b, kv, groups, rows // groups, keys).masked_fill(
-        ~mask[:, :, None], torch.finfo(scores.dtype).min)
-    return torch.softmax(scores.view(b, kv, rows, keys), dim=-1, dtype=torch.float32)
-
-
-class _GroupedAttention(torch.autograd.Function):
-    """The eager grouped-query attention, ``_probabilities(...)`` cast to ``v``'s dtype
-    times ``v``, keeping only its inputs: the backward computes the scores and the
-    probabilities again (one more product of q and k, and the softmax), under the autocast
-    the forward ran in; the gradients are autograd's for these ops."""
-
-    @staticmethod
-    def forward(ctx, qg, k, v, mask, scaling: float, groups: int):
-        device = qg.device.type
-        ctx.autocast = (device, torch.get_autocast_dtype(device),
-                        torch.is_autocast_enabled(device))
-        # the scores' dtype: autocast's (its matmul's), else the inputs'
-        ctx.scores_dtype = (ctx.autocast[1] if ctx.autocast[2]
-                            else torch.promote_types(qg.dtype, k.dtype))
-        ctx.scaling, ctx.groups = scaling, groups
-        ctx.save_for_backward(qg, k, v, mask)
-        return _probabilities(qg, k, mask, scaling, groups).to(v.dtype) @ v
-
-    @staticmethod
-    def backward(ctx, dout):
-        qg, k, v, mask = ctx.saved_tensors
-        device, dtype, enabled = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            probs = _probabilities(qg, k, mask, ctx.scaling, ctx.groups)
-            cast = probs.to(v.dtype)
-            dv = cast.transpose(-1, -2) @ dout
-            dprobs = (dout @ v.transpose(-1, -2)).float()
-            del cast
-            dscores = torch._softmax_backward_data(dprobs, probs, -1, torch.float32)
-            del probs, dprobs
-            dscores = dscores.to(ctx.scores_dtype)
-            b, kv, rows, keys = dscores.shape
-            dscores = dscores.view(b, kv, ctx.groups, rows // ctx.groups, keys).masked_fill(
-                ~mask[:, :, None], 0).view(b, kv, rows, keys) * ctx.scaling
-            return dscores @ k, dscores.transpose(-1, -2) @ qg, dv, None, None, None
-
-
-class RecomputedProbs(packed.Layout):
-    """The eager attention keeping only q, k, v and the mask, recomputing the scores and
-    probabilities in its backward (a candidate measured here, not taken: 1.01-1.07x the
-    update's time for 55 MB less a micro-batch)."""
+class KeptProbs(packed.Layout):
+    """The eager attention keeping its float32 probabilities at any length (before
+    ``packed.RECOMPUTED_PROBS_BYTES``)."""
 
     def _kernel(self, q, k, v, mask, scaling):
         b, h, c, d = q.shape
         kv = k.shape[1]
         qg = q.reshape(b, kv, h // kv * c, d)
-        return _GroupedAttention.apply(qg, k, v, mask, scaling, h // kv).view(b, h, c, d)
+        scores = packed._scores(qg, k, mask, scaling, h // kv)
+        return packed._SoftmaxTimesV.apply(scores, v).view(b, h, c, d)
+
+
+class RecomputedProbs(packed.Layout):
+    """The eager attention keeping only q, k, v and the mask at any length, recomputing
+    the scores and probabilities in its backward (``packed._RecomputedAttention``; the
+    package takes it above ``packed.RECOMPUTED_PROBS_BYTES``)."""
+
+    def _kernel(self, q, k, v, mask, scaling):
+        b, h, c, d = q.shape
+        kv = k.shape[1]
+        qg = q.reshape(b, kv, h // kv * c, d)
+        return packed._RecomputedAttention.apply(qg, k, v, mask, scaling,
+                                                 h // kv).view(b, h, c, d)
 
 
 _LAYOUT = {"cls": packed.Layout}
@@ -180,7 +149,8 @@ VARIANTS = {"baseline (autograd adds, kv repeated)": (False, RepeatKV, *OLD),
             "norms and MLP": (True, GroupedKV, *NOW),
             "all three (now)": (True, packed.Layout, *NOW),
             "all three, head in chunks of 2 rows": (True, packed.Layout, *NOW, 2),
-            "norms, MLP, attention recomputed": (True, RecomputedProbs, *NOW)}
+            "norms, MLP, attention recomputed": (True, RecomputedProbs, *NOW),
+            "norms, MLP, probabilities kept at any length": (True, KeptProbs, *NOW)}
 DEFAULT = ["in place + grouped kv", "norms keep their input", "MLP recomputes",
            "probabilities kept once", "all three (now)"]
 

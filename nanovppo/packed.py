@@ -51,6 +51,13 @@ SUPPORTED = ("llama", "qwen2", "qwen3")
 # the default's peak RSS measured ~0.09 GB lower in bench/trl_compare.py (3.05-3.08 GB
 # against 3.14-3.18), the update no slower (16 and 64 saved less; docs/results.md).
 ROW_MULTIPLE = 32
+# The eager attention keeps its float32 probabilities for the backward up to this many
+# bytes a call, and above it keeps only q, k and v and computes them again in the backward
+# (``_RecomputedAttention``). One micro-batch's forward and backward (bench/packed_update.py,
+# docs/results.md): at make train's 48 tokens (calls of 1-3 MB) keeping is 1-7% faster;
+# at 96 (~6 MB) the two take the same time and recomputing keeps 141 MB less; at 256
+# (~30 MB) recomputing is 8% faster and keeps 0.69 GB less.
+RECOMPUTED_PROBS_BYTES = 4 << 20
 
 
 def supports(model) -> bool:
@@ -115,19 +122,15 @@ class Layout(NamedTuple):
         # The query heads that share a kv head as rows of one product with it: no copies of
         # k and v per query head, and h / kv times fewer, larger products.
         qg = q.reshape(b, kv, h // kv * c, d)
-        scores = (qg @ k.transpose(-1, -2)) * scaling                      # [b, kv, h/kv*c, K]
-        scores = scores.view(b, kv, h // kv, c, -1).masked_fill(
-            ~mask[:, :, None], torch.finfo(scores.dtype).min)
-        return _SoftmaxTimesV.apply(scores.view(b, kv, h // kv * c, -1), v).view(b, h, c, d)
+        if 4 * b * h * c * k.shape[2] > RECOMPUTED_PROBS_BYTES:  # its float32 probabilities
+            return _RecomputedAttention.apply(qg, k, v, mask, scaling, h // kv).view(b, h, c, d)
+        return _SoftmaxTimesV.apply(_scores(qg, k, mask, scaling, h // kv), v).view(b, h, c, d)
 
 
 class _SoftmaxTimesV(torch.autograd.Function):
     """``softmax(scores)`` in float32, cast to ``v``'s dtype, times ``v``, keeping only the
     float32 probabilities (and ``v``) for the backward: autograd would keep their cast copy
-    too, half as many bytes again. The gradients are autograd's for these ops. (Keeping
-    only q, k and v and recomputing the probabilities in the backward keeps 55 MB less
-    for a micro-batch of make train's, and measured 1.01-1.07x the update's time:
-    ``bench/packed_update.py``, docs/results.md.)"""
+    too, half as many bytes again. The gradients are autograd's for these ops."""
 
     @staticmethod
     def forward(ctx, scores, v):
@@ -146,6 +149,51 @@ class _SoftmaxTimesV(torch.autograd.Function):
             dscores = torch._softmax_backward_data(dprobs, probs, -1, torch.float32)
             dscores = dscores.to(ctx.scores_dtype)
         return dscores, dv
+
+
+def _scores(qg, k, mask, scaling: float, groups: int) -> torch.Tensor:
+    """qg k^T * scaling, -inf-like where ``mask`` hides a key; qg [b, kv, groups * c, d]
+    holds the ``groups`` query heads of each kv head as rows -> [b, kv, groups * c, K]."""
+    scores = (qg @ k.transpose(-1, -2)) * scaling
+    b, kv, rows, keys = scores.shape
+    return scores.view(b, kv, groups, rows // groups, keys).masked_fill(
+        ~mask[:, :, None], torch.finfo(scores.dtype).min).view(b, kv, rows, keys)
+
+
+class _RecomputedAttention(torch.autograd.Function):
+    """The eager attention (``_scores``, their float32 softmax cast to ``v``'s dtype, times
+    ``v``) keeping only q, k, v and the mask: the backward computes the scores and the
+    probabilities again, under the autocast the forward ran in. The gradients are
+    autograd's for these ops. Taken above ``RECOMPUTED_PROBS_BYTES``."""
+
+    @staticmethod
+    def forward(ctx, qg, k, v, mask, scaling: float, groups: int):
+        device = qg.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device),
+                        torch.is_autocast_enabled(device))
+        ctx.scaling, ctx.groups = scaling, groups
+        ctx.save_for_backward(qg, k, v, mask)
+        scores = _scores(qg, k, mask, scaling, groups)
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype) @ v
+
+    @staticmethod
+    def backward(ctx, dout):
+        qg, k, v, mask = ctx.saved_tensors
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            scores = _scores(qg, k, mask, ctx.scaling, ctx.groups)
+            scores_dtype = scores.dtype
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+            del scores
+            dv = probs.to(v.dtype).transpose(-1, -2) @ dout
+            dprobs = (dout @ v.transpose(-1, -2)).float()
+            dscores = torch._softmax_backward_data(dprobs, probs, -1, torch.float32)
+            del probs, dprobs
+            b, kv, rows, keys = dscores.shape
+            dscores = dscores.to(scores_dtype).view(
+                b, kv, ctx.groups, rows // ctx.groups, keys).masked_fill(
+                ~mask[:, :, None], 0).view(b, kv, rows, keys) * ctx.scaling
+            return dscores @ k, dscores.transpose(-1, -2) @ qg, dv, None, None, None
 
 
 def _layout(batch: GroupBatch, eager: bool):

@@ -68,6 +68,38 @@ def test_padding_rows_change_nothing(tiny, monkeypatch, attention):
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_recomputed_above_the_size_keeps_less_same_gradients(tiny, monkeypatch,
+                                                                       dtype):
+    """Above ``RECOMPUTED_PROBS_BYTES`` the eager attention keeps q, k, v and the mask
+    instead of its float32 probabilities and computes them again in the backward: the
+    log-probs and every gradient are the kept path's (the same ops; in bf16 under
+    autocast too), and the forward keeps fewer bytes. The probabilities of a layer here:
+    the prompts' [2 prompts, 2 heads, 5, 5] and the completions' [5, 2, 3, 5 + 3] in
+    float32, 1,360 bytes, against q, k, v (bf16 or float32) and the bool masks."""
+    import nanovppo.packed as packed
+
+    model, tok = tiny
+    model = copy.deepcopy(model).to(dtype).train()
+    model.set_attn_implementation("eager")
+    assert model.config.num_attention_heads == 2
+    weights = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    batch = pad_groups(PROMPTS, COMPLETIONS, tok.pad_token_id)
+    results = {}
+    for limit in (1 << 30, 0):  # kept, recomputed
+        monkeypatch.setattr(packed, "RECOMPUTED_PROBS_BYTES", limit)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            size, _ = kept_bytes(model, lambda: packed_logprobs(model, batch, 0.7))
+            results[limit] = size, *grads_of(
+                model, lambda: packed_logprobs(model, batch, 0.7), weights)
+    (kept_size, want_logp, want), (recomputed_size, got_logp, got) = results[1 << 30], results[0]
+    assert recomputed_size < kept_size
+    assert torch.equal(got_logp, want_logp)
+    assert got.keys() == want.keys() and len(got) > 5
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
 def test_completions_of_one_token_only(tiny):
     """With every completion one token long no completion token is an input: each is
     scored from its prompt's last state alone."""
