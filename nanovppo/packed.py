@@ -25,7 +25,9 @@ What the forward keeps for the backward is its activation memory, which sets the
 update's peak: the RMSNorms (``_RMSNorm``), the gated MLP (``_GatedMLPGradInPlace``) and
 the eager attention's softmax (``_SoftmaxTimesV``) are autograd functions here that
 keep less than the ops they replace (and recompute the rest), with the same gradients:
-for a micro-batch of make train's, 437 MB -> 261 MB (``bench/packed_update.py``).
+for a micro-batch of make train's, 437 MB -> 261 MB (``bench/packed_update.py``). For long
+completions the attention keeps only q, k and v instead (``_RecomputedAttention``, above
+``RECOMPUTED_PROBS_BYTES``): at 256 tokens 1,512 MB -> 823 MB a micro-batch.
 
 The layers' submodules (norms, projections, MLP) are called directly, so this works for
 decoders built like Llama's (``SUPPORTED``: Llama, SmolLM2, Qwen2, Qwen2.5, Qwen3); other
