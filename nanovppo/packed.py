@@ -144,13 +144,20 @@ class _SoftmaxTimesV(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         probs, v = ctx.saved_tensors
-        dv = probs.to(v.dtype).transpose(-1, -2) @ dout if ctx.needs_input_grad[1] else None
-        dscores = None
-        if ctx.needs_input_grad[0]:
-            dprobs = (dout @ v.transpose(-1, -2)).float()
-            dscores = torch._softmax_backward_data(dprobs, probs, -1, torch.float32)
-            dscores = dscores.to(ctx.scores_dtype)
-        return dscores, dv
+        dscores, dv = _softmax_times_v_grads(probs, v, dout, *ctx.needs_input_grad)
+        return None if dscores is None else dscores.to(ctx.scores_dtype), dv
+
+
+def _softmax_times_v_grads(probs, v, dout, want_scores: bool = True, want_v: bool = True):
+    """The gradients of ``probs.to(v.dtype) @ v``, ``probs`` the float32 softmax of some
+    scores, for output gradient ``dout``: (the scores' in float32, v's); None where not
+    wanted."""
+    dv = probs.to(v.dtype).transpose(-1, -2) @ dout if want_v else None
+    dscores = None
+    if want_scores:
+        dprobs = (dout @ v.transpose(-1, -2)).float()
+        dscores = torch._softmax_backward_data(dprobs, probs, -1, torch.float32)
+    return dscores, dv
 
 
 def _scores(qg, k, mask, scaling: float, groups: int) -> torch.Tensor:
@@ -187,10 +194,8 @@ class _RecomputedAttention(torch.autograd.Function):
             scores_dtype = scores.dtype
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
             del scores
-            dv = probs.to(v.dtype).transpose(-1, -2) @ dout
-            dprobs = (dout @ v.transpose(-1, -2)).float()
-            dscores = torch._softmax_backward_data(dprobs, probs, -1, torch.float32)
-            del probs, dprobs
+            dscores, dv = _softmax_times_v_grads(probs, v, dout)
+            del probs
             b, kv, rows, keys = dscores.shape
             dscores = dscores.to(scores_dtype).view(
                 b, kv, ctx.groups, rows // ctx.groups, keys).masked_fill(
