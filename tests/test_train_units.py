@@ -27,7 +27,7 @@ def _samples(groups, n):
             for g in range(groups) for j in range(n)]
 
 
-def test_micro_batches_keep_groups_whole():
+def test_micro_batches_keep_groups_whole_where_they_fit():
     """Rows of 5 groups of 3 packed into micro-batches of at most 7 rows: each holds whole
     groups (two of them), every row once, shortest groups first (group g has prompts of
     3 + g tokens and completions of g + 1 to g + 3)."""
@@ -35,8 +35,19 @@ def test_micro_batches_keep_groups_whole():
     micro = micro_batches(batch, list(range(15)), 7)
     assert sorted(i for b in micro for i in b) == list(range(15))
     assert [sorted({batch.group[i] for i in b}) for b in micro] == [[0, 1], [2, 3], [4]]
-    # a micro-batch smaller than a group still holds one whole group
-    assert [len(b) for b in micro_batches(batch, list(range(15)), 2)] == [3] * 5
+
+
+def test_micro_batches_cut_a_group_larger_than_a_pass():
+    """The same groups in passes of at most 2 rows: no pass holds more, so each group of 3
+    is cut into a piece of its two shorter completions and one of its longest. The rows
+    are given in reverse (row 14 - 3g - j is group g's completion of g + j + 1 tokens), so
+    group g's pieces are [14 - 3g, 13 - 3g] and [12 - 3g], shortest group first."""
+    batch = TrainBatch.from_samples(_samples(5, 3)[::-1], False, lambda s: True)
+    micro = micro_batches(batch, list(range(15)), 2)
+    want = [piece for g in range(5) for piece in ([14 - 3 * g, 13 - 3 * g], [12 - 3 * g])]
+    assert micro == want
+    # a pass of 1 row: every row on its own
+    assert sorted(map(len, micro_batches(batch, list(range(15)), 1))) == [1] * 15
 
 
 def test_minibatches_split_by_group():

@@ -121,6 +121,8 @@ def plain_update(model, ref, algo, samples, cfg, step, correction, autocast):
 
 CASES = [  # algo, extra overrides, mismatch correction
     ("grpo", [], "tis"),
+    # passes of 1 sequence: every group of 2 cut in two, its prompt run once per piece
+    ("grpo-cut", ["trainer.micro_batch_size=1"], "tis"),
     ("dapo", [], "off"),
     ("dapo-no-kl", ["algo=dapo", "algo.kl_coef=0.0"], "off"),  # zero-advantage samples skipped
     ("gspo", ["algo.clip_low=0.01", "algo.clip_high=0.01"], "off"),
@@ -148,8 +150,10 @@ def test_update_matches_a_plain_reference(tiny, name, extra, correction, dtype, 
     cfg = compose_cfg([*TINY, f"algo={name.split('-')[0]}", f"algo.ppo_epochs={passes}",
                        f"trainer.fast={str(fast).lower()}",
                        f"algo.num_minibatches={passes}",
-                       "algo.kl_coef=0.1", "trainer.micro_batch_size=2",
-                       "trainer.logprob_chunk_rows=1", "rollout.temperature=0.7",
+                       "algo.kl_coef=0.1", "trainer.logprob_chunk_rows=1",
+                       "rollout.temperature=0.7",
+                       *([] if any(e.startswith("trainer.micro_batch_size=") for e in extra)
+                         else ["trainer.micro_batch_size=2"]),
                        f"hardware.compute_dtype={dtype}", f"rollout.correction.mode={correction}",
                        "rollout.correction.level=" + ("sequence" if name == "cispo" else "token"),
                        "rollout.correction.low=0.8", "rollout.correction.high=1.25", *extra])
