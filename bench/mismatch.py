@@ -64,7 +64,7 @@ def main() -> None:
         for prompt, group in zip(prompts, groups):
             batch = pad_groups([prompt], [[c.token_ids for c in group]], tok.pad_token_id)
             with torch.no_grad(), autocast_ctx(cfg):
-                old = trainer(batch, sp.temperature, cfg.trainer.logprob_chunk_rows)
+                old = trainer(batch, sp.temperature, cfg.trainer.logprob_chunk_tokens)
             mask = batch.completion_mask
             engine_logp = torch.zeros_like(old)
             for r, c in enumerate(group):

@@ -81,7 +81,7 @@ def main() -> None:
             module.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
             with autocast_ctx(cfg):
-                logp = module(batch, 1.0, cfg.trainer.logprob_chunk_rows)
+                logp = module(batch, 1.0, cfg.trainer.logprob_chunk_tokens)
             logp.sum().backward()
             if i > 0:  # the first micro-batch warms up both
                 times[name].append(time.perf_counter() - t0)

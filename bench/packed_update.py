@@ -17,8 +17,8 @@ kv"):
 - probabilities kept once (``_SoftmaxTimesV``): the eager attention keeps its float32
   probabilities, not also their bf16 copy (as before: ``GroupedKV``).
 
-A candidate not taken, by name: the head in chunks of 2 rows (``trainer.logprob_chunk_rows``
-is 4). The attention keeping only q, k, v and the mask and recomputing its probabilities
+A candidate not taken, by name: the head in chunks of 96 positions
+(``trainer.logprob_chunk_tokens`` is 192). The attention keeping only q, k, v and the mask and recomputing its probabilities
 in the backward at any length ("norms, MLP, attention recomputed", ``RecomputedProbs``) or
 keeping them at any length ("norms, MLP, probabilities kept at any length",
 ``KeptProbs``): the package keeps them up to ``packed.RECOMPUTED_PROBS_BYTES`` a call and
@@ -135,8 +135,8 @@ def _mlp_op_by_op(mlp, x, grads_in_place):  # the MLP as it was: autograd keeps 
 _own = {"norm": packed._norm, "mlp": packed._mlp}
 packed._layout = _layout
 
-# name -> gradients in place, the layout's class, the norm, the MLP[, the head's chunk rows
-# (else trainer.logprob_chunk_rows)]
+# name -> gradients in place, the layout's class, the norm, the MLP[, the head's chunk in
+# positions (else trainer.logprob_chunk_tokens)]
 OLD = (_module_norm, _mlp_op_by_op)
 NOW = (_own["norm"], _own["mlp"])
 VARIANTS = {"baseline (autograd adds, kv repeated)": (False, RepeatKV, *OLD),
@@ -148,7 +148,7 @@ VARIANTS = {"baseline (autograd adds, kv repeated)": (False, RepeatKV, *OLD),
             "probabilities kept once": (True, packed.Layout, *OLD),
             "norms and MLP": (True, GroupedKV, *NOW),
             "all three (now)": (True, packed.Layout, *NOW),
-            "all three, head in chunks of 2 rows": (True, packed.Layout, *NOW, 2),
+            "all three, head in chunks of 96": (True, packed.Layout, *NOW, 96),
             "norms, MLP, attention recomputed": (True, RecomputedProbs, *NOW),
             "norms, MLP, probabilities kept at any length": (True, KeptProbs, *NOW)}
 DEFAULT = ["in place + grouped kv", "norms keep their input", "MLP recomputes",
@@ -185,12 +185,12 @@ def main() -> None:
     kept = {name: [] for name in variants}
     for j, minibatch in enumerate(minibatches):
         for name, (module, (layout, norm, mlp, *chunk)) in modules.items():
-            rows = chunk[0] if chunk else cfg.trainer.logprob_chunk_rows
+            positions = chunk[0] if chunk else cfg.trainer.logprob_chunk_tokens
             _LAYOUT["cls"], packed._norm, packed._mlp = layout, norm, mlp
             module.zero_grad(set_to_none=True)
             fwd = bwd = 0.0
             for batch in minibatch:
-                forward = lambda: module(batch, 1.0, rows)  # noqa: E731
+                forward = lambda: module(batch, 1.0, positions)  # noqa: E731
                 t0 = time.perf_counter()
                 with autocast_ctx(cfg):
                     if j == 0:  # untimed: what the forward keeps for the backward

@@ -144,10 +144,10 @@ class _HeadLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def head_logprobs(model, hidden, targets, cmask, temperature, chunk_rows, with_entropy,
+def head_logprobs(model, hidden, targets, cmask, temperature, chunk_tokens, with_entropy,
                   grads_in_place: bool = False):
-    """Apply the output head to the real positions of ``hidden`` [B, C, H] in chunks of
-    ``chunk_rows`` rows' worth of tokens; see module doc. Padded positions get 0.
+    """Apply the output head to the real positions of ``hidden`` [B, C, H], ``chunk_tokens``
+    positions at a time (None: all at once); see module doc. Padded positions get 0.
     ``grads_in_place``: the weight's gradient is added into its ``.grad`` where there is
     one already (one process only)."""
     head = model.get_output_embeddings()
@@ -155,7 +155,7 @@ def head_logprobs(model, hidden, targets, cmask, temperature, chunk_rows, with_e
         raise NotImplementedError("output heads with a bias are not supported")
     real = cmask.bool()
     h, t = hidden[real], targets[real]                                       # [n, H], [n]
-    chunk = max(1, chunk_rows * targets.shape[1])
+    chunk = max(1, chunk_tokens or h.shape[0])
     logp, ent = _HeadLogprobs.apply(h, head.weight, t, float(temperature), with_entropy, chunk,
                                     grads_in_place)
 

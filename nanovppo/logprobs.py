@@ -45,7 +45,7 @@ def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
     return Batch(ids, attn, cmask, P)
 
 
-def completion_logprobs(model, batch: Batch, temperature: float = 1.0, chunk_rows: int = 4,
+def completion_logprobs(model, batch: Batch, temperature: float = 1.0, chunk_tokens: int | None = None,
                         with_entropy: bool = False):
     """Log-probs [B, C] of the completion tokens (and their entropy [B, C] if asked)."""
     ids, attn, P = batch.input_ids, batch.attention_mask, batch.prompt_width
@@ -55,7 +55,7 @@ def completion_logprobs(model, batch: Batch, temperature: float = 1.0, chunk_row
     hidden = hidden[:, P - 1:-1]                                           # [B, C, H]
     targets = ids[:, P:]                                                   # [B, C]
     return head_logprobs(model, hidden, targets, batch.completion_mask, temperature,
-                          chunk_rows, with_entropy)
+                          chunk_tokens, with_entropy)
 
 
 class GroupBatch(NamedTuple):
@@ -157,7 +157,7 @@ def _split_at_prompt(h_prompt, keys, values):
     return split[0], list(split[1:1 + n]), list(split[1 + n:])
 
 
-def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_rows: int = 4,
+def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_tokens: int | None = None,
                    with_entropy: bool = False, split_backward: bool = False):
     """Like ``completion_logprobs``, but each prompt is run once for its whole group.
 
@@ -187,7 +187,7 @@ def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_row
     # The state before completion token j is the prompt's last state (j = 0) or the
     # completion's state at j - 1.
     hidden = torch.cat([h_prompt[index][:, None], h_comp[:, :-1]], dim=1)  # [B, C, H]
-    return head_logprobs(model, hidden, cids, cmask, temperature, chunk_rows, with_entropy)
+    return head_logprobs(model, hidden, cids, cmask, temperature, chunk_tokens, with_entropy)
 
 
 def checkpoint_layers(model, layers: list[torch.nn.Module]) -> None:
@@ -226,9 +226,9 @@ class GroupLogprobs(torch.nn.Module):
         self.model = model
         self.split_backward = split_backward
 
-    def forward(self, batch: GroupBatch, temperature: float = 1.0, chunk_rows: int = 4,
+    def forward(self, batch: GroupBatch, temperature: float = 1.0, chunk_tokens: int | None = None,
                 with_entropy: bool = False):
-        return group_logprobs(self.model, batch, temperature, chunk_rows, with_entropy,
+        return group_logprobs(self.model, batch, temperature, chunk_tokens, with_entropy,
                               self.split_backward)
 
 
@@ -244,7 +244,7 @@ class PlainLogprobs(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: GroupBatch, temperature: float = 1.0, chunk_rows: int = 4,
+    def forward(self, batch: GroupBatch, temperature: float = 1.0, chunk_tokens: int | None = None,
                 with_entropy: bool = False):
         pids, pmask, cids, cmask, index = batch
         ids = torch.cat([pids[index], cids], dim=1)                         # [B, P + C]

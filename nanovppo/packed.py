@@ -406,7 +406,7 @@ def _layer(layer, h, cos, sin, layout: Layout, grads_in_place: bool = False):
     return h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h), grads_in_place)
 
 
-def packed_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_rows: int = 4,
+def packed_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_tokens: int | None = None,
                     with_entropy: bool = False, grads_in_place: bool = False):
     """Log-probs [B, C] of a ``GroupBatch``'s completion tokens (and their entropy), as
     ``group_logprobs`` gives them, in one pass over the real tokens; see module doc.
@@ -431,7 +431,7 @@ def packed_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_ro
     first = h[last][index][:, None]                                         # [B, 1, H]
     rest = _to_padded(h[layout.n_prompt:layout.n_real], layout.input_mask)  # [B, C - 1, H]
     hidden = torch.cat([first, rest], dim=1)                                # [B, C, H]
-    return head_logprobs(model, hidden, cids, cmask, temperature, chunk_rows, with_entropy,
+    return head_logprobs(model, hidden, cids, cmask, temperature, chunk_tokens, with_entropy,
                          grads_in_place)
 
 
@@ -445,7 +445,7 @@ class PackedLogprobs(torch.nn.Module):
         self.model = model
         self.grads_in_place = grads_in_place
 
-    def forward(self, batch: GroupBatch, temperature: float = 1.0, chunk_rows: int = 4,
+    def forward(self, batch: GroupBatch, temperature: float = 1.0, chunk_tokens: int | None = None,
                 with_entropy: bool = False):
-        return packed_logprobs(self.model, batch, temperature, chunk_rows, with_entropy,
+        return packed_logprobs(self.model, batch, temperature, chunk_tokens, with_entropy,
                                self.grads_in_place)

@@ -115,7 +115,7 @@ RULES: dict[str, Rule] = {
     "trainer.checkpoint_every": integer(0),
     "trainer.keep_checkpoints": integer(0),
     "trainer.samples_every": integer(0),
-    "trainer.logprob_chunk_rows": integer(1),
+    "trainer.logprob_chunk_tokens": integer(1),
     "trainer.progress": BOOL,
     "trainer.fast": BOOL,
     "tracking.uri": optional(TEXT),

@@ -55,7 +55,7 @@ def micro_logprobs(model, batch: TrainBatch, rows: list[int], pad_id: int, cfg,
         padded = pad_groups([[pad_id]], [[[pad_id]]], pad_id)
         padded = padded._replace(completion_mask=torch.zeros_like(padded.completion_mask))
     with autocast_ctx(cfg):
-        out = model(padded, temperature, cfg.trainer.logprob_chunk_rows, with_entropy)
+        out = model(padded, temperature, cfg.trainer.logprob_chunk_tokens, with_entropy)
     return out, padded
 
 
@@ -65,7 +65,7 @@ def probe_logprobs(model, ids: list[int], cfg, pad_id: int) -> torch.Tensor:
     module), each given the tokens before it: the trainer's side of the weight-sync check."""
     batch = pad_groups([ids[:1]], [[ids[1:]]], pad_id)
     with autocast_ctx(cfg):
-        logp = model(batch, 1.0, cfg.trainer.logprob_chunk_rows, False)        # [1, T - 1]
+        logp = model(batch, 1.0, cfg.trainer.logprob_chunk_tokens, False)        # [1, T - 1]
     return logp[0, :len(ids) - 1]
 
 

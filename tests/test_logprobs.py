@@ -30,9 +30,9 @@ def test_plain_and_grouped_logprobs_equal_a_forward_pass(tiny, attention):
     with torch.no_grad():
         expected = [naive_logprobs(model, p, c, 0.7) for p, c in pairs]
         plain = completion_logprobs(model, pad_batch([p for p, _ in pairs], [c for _, c in pairs],
-                                                     tok.pad_token_id), 0.7, chunk_rows=2)
+                                                     tok.pad_token_id), 0.7, chunk_tokens=2)
         grouped, ent = group_logprobs(model, pad_groups(PROMPTS, COMPLETIONS, tok.pad_token_id),
-                                      0.7, chunk_rows=3, with_entropy=True)
+                                      0.7, chunk_tokens=3, with_entropy=True)
     for r, ((p, c), (want, want_ent)) in enumerate(zip(pairs, expected)):
         torch.testing.assert_close(plain[r, :len(c)], want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grouped[r, :len(c)], want, atol=1e-5, rtol=1e-5)
@@ -86,7 +86,7 @@ def test_head_gradients_equal_autograd_through_a_full_log_softmax(tiny, autocast
 
     def grouped_loss():
         logp = group_logprobs(model, pad_groups(PROMPTS, COMPLETIONS, tok.pad_token_id), 0.7,
-                              chunk_rows=1)
+                              chunk_tokens=1)
         return (logp * weights[:, :logp.shape[1]]).sum()
 
     want, got = grads(naive_loss), grads(grouped_loss)

@@ -33,7 +33,7 @@ def test_packed_logprobs_equal_a_forward_of_each_sequence(tiny, attention):
     with torch.no_grad():
         expected = [naive_logprobs(model, p, c, 0.7) for p, c in PAIRS]
         logp, ent = packed_logprobs(model, pad_groups(PROMPTS, COMPLETIONS, tok.pad_token_id),
-                                    0.7, chunk_rows=3, with_entropy=True)
+                                    0.7, chunk_tokens=3, with_entropy=True)
     assert logp.shape == (5, 4)
     for r, ((p, c), (want, want_ent)) in enumerate(zip(PAIRS, expected)):
         torch.testing.assert_close(logp[r, :len(c)], want, atol=1e-5, rtol=1e-5)
@@ -362,3 +362,23 @@ def test_norms_the_mlp_and_attention_keep_less_for_the_backward(tiny):
         assert got[2].dtype == s_dtype
         for a, b in zip(got[1:], want[1:]):
             assert torch.equal(a, b)
+
+
+def test_head_chunks_are_counted_in_positions(tiny, monkeypatch):
+    """The head's float32 blocks ([positions, vocab]: logits, softmax) hold at most
+    ``chunk_tokens`` positions however wide the completions: 4 completions of 30 tokens
+    after one prompt are 120 positions, in blocks of at most 7: 18 in the forward (17 of 7
+    and one of 1) and 18 again in the backward, where chunks of 4 rows of the widest
+    completion would have been one block of 120."""
+    import nanovppo.head as head
+
+    model, tok = tiny
+    model = copy.deepcopy(model).train()
+    rows = []
+    real_logits = head._logits
+    monkeypatch.setattr(head, "_logits", lambda h, *a: rows.append(h.shape[0]) or real_logits(h, *a))
+    gen = torch.Generator().manual_seed(0)
+    completions = [[torch.randint(3, 200, (30,), generator=gen).tolist() for _ in range(4)]]
+    batch = pad_groups([[5, 6, 7]], completions, tok.pad_token_id)
+    packed_logprobs(model, batch, 1.0, chunk_tokens=7).sum().backward()
+    assert rows == ([7] * 17 + [1]) * 2

@@ -47,7 +47,7 @@ BAD = {
     "trainer.checkpoint_every": -10,
     "trainer.keep_checkpoints": -1,
     "trainer.samples_every": 1.5,
-    "trainer.logprob_chunk_rows": 0,
+    "trainer.logprob_chunk_tokens": 0,
     "trainer.progress": "yes",
     "trainer.fast": 1,
     "tracking.uri": "",

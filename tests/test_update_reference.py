@@ -150,7 +150,7 @@ def test_update_matches_a_plain_reference(tiny, name, extra, correction, dtype, 
     cfg = compose_cfg([*TINY, f"algo={name.split('-')[0]}", f"algo.ppo_epochs={passes}",
                        f"trainer.fast={str(fast).lower()}",
                        f"algo.num_minibatches={passes}",
-                       "algo.kl_coef=0.1", "trainer.logprob_chunk_rows=1",
+                       "algo.kl_coef=0.1", "trainer.logprob_chunk_tokens=1",
                        "rollout.temperature=0.7",
                        *([] if any(e.startswith("trainer.micro_batch_size=") for e in extra)
                          else ["trainer.micro_batch_size=2"]),
