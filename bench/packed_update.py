@@ -18,11 +18,12 @@ kv"):
   probabilities, not also their bf16 copy (as before: ``GroupedKV``).
 
 A candidate not taken, by name: the head in chunks of 96 positions
-(``trainer.logprob_chunk_tokens`` is 192). The attention keeping only q, k, v and the mask and recomputing its probabilities
-in the backward at any length ("norms, MLP, attention recomputed", ``RecomputedProbs``) or
-keeping them at any length ("norms, MLP, probabilities kept at any length",
-``KeptProbs``): the package keeps them up to ``packed.RECOMPUTED_PROBS_BYTES`` a call and
-recomputes above (compare the three with ``--new-tokens 96`` or 256).
+(``trainer.logprob_chunk_tokens`` is 192). The attention keeping only q, k, v and the mask
+and recomputing its probabilities in the backward at any length ("norms, MLP, attention
+recomputed", ``RecomputedProbs``) or keeping them at any length ("norms, MLP, probabilities
+kept at any length", ``KeptProbs``): the package keeps them up to
+``packed.RECOMPUTED_PROBS_BYTES`` a call and recomputes above (compare the three with
+``--new-tokens 96`` or 256).
 
 The earlier two, by name: gradients in place (``grads_in_place``: each projection's
 backward adds its weight gradient into ``.grad`` by ``addmm_``; the baseline: autograd

@@ -45,8 +45,8 @@ def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
     return Batch(ids, attn, cmask, P)
 
 
-def completion_logprobs(model, batch: Batch, temperature: float = 1.0, chunk_tokens: int | None = None,
-                        with_entropy: bool = False):
+def completion_logprobs(model, batch: Batch, temperature: float = 1.0,
+                        chunk_tokens: int | None = None, with_entropy: bool = False):
     """Log-probs [B, C] of the completion tokens (and their entropy [B, C] if asked)."""
     ids, attn, P = batch.input_ids, batch.attention_mask, batch.prompt_width
     positions = (attn.cumsum(-1) - 1).clamp(min=0)                        # [B, P + C]
@@ -157,8 +157,9 @@ def _split_at_prompt(h_prompt, keys, values):
     return split[0], list(split[1:1 + n]), list(split[1 + n:])
 
 
-def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_tokens: int | None = None,
-                   with_entropy: bool = False, split_backward: bool = False):
+def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0,
+                   chunk_tokens: int | None = None, with_entropy: bool = False,
+                   split_backward: bool = False):
     """Like ``completion_logprobs``, but each prompt is run once for its whole group.
 
     The prompt's keys and values (with their autograd history) are computed once and

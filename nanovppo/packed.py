@@ -406,8 +406,9 @@ def _layer(layer, h, cos, sin, layout: Layout, grads_in_place: bool = False):
     return h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h), grads_in_place)
 
 
-def packed_logprobs(model, batch: GroupBatch, temperature: float = 1.0, chunk_tokens: int | None = None,
-                    with_entropy: bool = False, grads_in_place: bool = False):
+def packed_logprobs(model, batch: GroupBatch, temperature: float = 1.0,
+                    chunk_tokens: int | None = None, with_entropy: bool = False,
+                    grads_in_place: bool = False):
     """Log-probs [B, C] of a ``GroupBatch``'s completion tokens (and their entropy), as
     ``group_logprobs`` gives them, in one pass over the real tokens; see module doc.
     ``grads_in_place``: the projections' weight gradients are added into ``.grad`` by

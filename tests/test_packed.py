@@ -376,7 +376,8 @@ def test_head_chunks_are_counted_in_positions(tiny, monkeypatch):
     model = copy.deepcopy(model).train()
     rows = []
     real_logits = head._logits
-    monkeypatch.setattr(head, "_logits", lambda h, *a: rows.append(h.shape[0]) or real_logits(h, *a))
+    monkeypatch.setattr(head, "_logits",
+                        lambda h, *a: rows.append(h.shape[0]) or real_logits(h, *a))
     gen = torch.Generator().manual_seed(0)
     completions = [[torch.randint(3, 200, (30,), generator=gen).tolist() for _ in range(4)]]
     batch = pad_groups([[5, 6, 7]], completions, tok.pad_token_id)
