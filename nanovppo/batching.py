@@ -165,7 +165,7 @@ def micro_batches(batch: TrainBatch, rows: list[int], size: int) -> list[list[in
     length = lambda g: len(batch.prompt_ids[g[0]]) + max(map(completion, g))  # noqa: E731
     out: list[list[int]] = []
     for g in sorted(groups.values(), key=length):
-        if len(g) > size:  # pieces of one group, each a micro-batch of its own
+        if len(g) > size:  # pieces of one group (a later group may join the last, shorter one)
             g = sorted(g, key=completion)
             out.extend(g[k:k + size] for k in range(0, len(g), size))
         elif out and len(out[-1]) + len(g) <= size:

@@ -227,8 +227,8 @@ class GroupLogprobs(torch.nn.Module):
         self.model = model
         self.split_backward = split_backward
 
-    def forward(self, batch: GroupBatch, temperature: float = 1.0, chunk_tokens: int | None = None,
-                with_entropy: bool = False):
+    def forward(self, batch: GroupBatch, temperature: float = 1.0,
+                chunk_tokens: int | None = None, with_entropy: bool = False):
         return group_logprobs(self.model, batch, temperature, chunk_tokens, with_entropy,
                               self.split_backward)
 
@@ -245,8 +245,8 @@ class PlainLogprobs(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: GroupBatch, temperature: float = 1.0, chunk_tokens: int | None = None,
-                with_entropy: bool = False):
+    def forward(self, batch: GroupBatch, temperature: float = 1.0,
+                chunk_tokens: int | None = None, with_entropy: bool = False):
         pids, pmask, cids, cmask, index = batch
         ids = torch.cat([pids[index], cids], dim=1)                         # [B, P + C]
         attn = torch.cat([pmask[index], cmask.long()], dim=1)               # [B, P + C]

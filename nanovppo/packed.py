@@ -164,9 +164,15 @@ def _scores(qg, k, mask, scaling: float, groups: int) -> torch.Tensor:
     """qg k^T * scaling, -inf-like where ``mask`` hides a key; qg [b, kv, groups * c, d]
     holds the ``groups`` query heads of each kv head as rows -> [b, kv, groups * c, K]."""
     scores = (qg @ k.transpose(-1, -2)) * scaling
-    b, kv, rows, keys = scores.shape
-    return scores.view(b, kv, groups, rows // groups, keys).masked_fill(
-        ~mask[:, :, None], torch.finfo(scores.dtype).min).view(b, kv, rows, keys)
+    return _fill_hidden(scores, mask, groups, torch.finfo(scores.dtype).min)
+
+
+def _fill_hidden(x, mask, groups: int, value: float) -> torch.Tensor:
+    """``x`` [b, kv, groups * c, K] (scores or their gradient) with ``value`` where
+    ``mask`` [b, 1, c, K] hides a key from a query, for each of the ``groups`` heads."""
+    b, kv, rows, keys = x.shape
+    return x.view(b, kv, groups, rows // groups, keys).masked_fill(
+        ~mask[:, :, None], value).view(b, kv, rows, keys)
 
 
 class _RecomputedAttention(torch.autograd.Function):
@@ -196,10 +202,7 @@ class _RecomputedAttention(torch.autograd.Function):
             del scores
             dscores, dv = _softmax_times_v_grads(probs, v, dout)
             del probs
-            b, kv, rows, keys = dscores.shape
-            dscores = dscores.to(scores_dtype).view(
-                b, kv, ctx.groups, rows // ctx.groups, keys).masked_fill(
-                ~mask[:, :, None], 0).view(b, kv, rows, keys) * ctx.scaling
+            dscores = _fill_hidden(dscores.to(scores_dtype), mask, ctx.groups, 0) * ctx.scaling
             return dscores @ k, dscores.transpose(-1, -2) @ qg, dv, None, None, None
 
 
@@ -446,7 +449,7 @@ class PackedLogprobs(torch.nn.Module):
         self.model = model
         self.grads_in_place = grads_in_place
 
-    def forward(self, batch: GroupBatch, temperature: float = 1.0, chunk_tokens: int | None = None,
-                with_entropy: bool = False):
+    def forward(self, batch: GroupBatch, temperature: float = 1.0,
+                chunk_tokens: int | None = None, with_entropy: bool = False):
         return packed_logprobs(self.model, batch, temperature, chunk_tokens, with_entropy,
                                self.grads_in_place)
