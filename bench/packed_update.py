@@ -17,7 +17,9 @@ kv"):
 - probabilities kept once (``_SoftmaxTimesV``): the eager attention keeps its float32
   probabilities, not also their bf16 copy (as before: ``GroupedKV``).
 
-A candidate not taken, by name: the head in chunks of 96 positions
+Since, by name: "all three, fused kernels", the same with their elementwise work compiled
+(``trainer.fused_kernels``, the trainer's default: ``nanovppo/kernels.py``). A candidate not
+taken, by name: the head in chunks of 96 positions
 (``trainer.logprob_chunk_tokens`` is 192). The attention keeping only q, k, v and the mask
 and recomputing its probabilities in the backward at any length ("norms, MLP, attention
 recomputed", ``RecomputedProbs``) or keeping them at any length ("norms, MLP, probabilities
@@ -124,11 +126,11 @@ def _layout(batch, eager):  # the layout of the variant that runs
     return tokens, positions, _LAYOUT["cls"](*layout)
 
 
-def _module_norm(module, x):  # the RMSNorms as they were: HF's modules
+def _module_norm(module, x, fused=False):  # the RMSNorms as they were: HF's modules
     return module(x)
 
 
-def _mlp_op_by_op(mlp, x, grads_in_place):  # the MLP as it was: autograd keeps every op's
+def _mlp_op_by_op(mlp, x, grads_in_place, fused=False):  # the MLP as it was: op by op
     linear = lambda m, x: packed._linear(m, x, grads_in_place)  # noqa: E731
     return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
 
@@ -149,9 +151,11 @@ VARIANTS = {"baseline (autograd adds, kv repeated)": (False, RepeatKV, *OLD),
             "probabilities kept once": (True, packed.Layout, *OLD),
             "norms and MLP": (True, GroupedKV, *NOW),
             "all three (now)": (True, packed.Layout, *NOW),
+            "all three, fused kernels": (True, packed.Layout, *NOW),
             "all three, head in chunks of 96": (True, packed.Layout, *NOW, 96),
             "norms, MLP, attention recomputed": (True, RecomputedProbs, *NOW),
             "norms, MLP, probabilities kept at any length": (True, KeptProbs, *NOW)}
+FUSED = {"all three, fused kernels"}  # trainer.fused_kernels (nanovppo/kernels.py)
 DEFAULT = ["in place + grouped kv", "norms keep their input", "MLP recomputes",
            "probabilities kept once", "all three (now)"]
 
@@ -175,7 +179,8 @@ def main() -> None:
     set_attention(policy, cfg.hardware.attn_implementation)
     policy.train()
     variants = {name: VARIANTS[name] for name in args.variants}
-    modules = {name: (packed.PackedLogprobs(copy.deepcopy(policy), in_place), rest)
+    modules = {name: (packed.PackedLogprobs(copy.deepcopy(policy), in_place, name in FUSED),
+                      rest)
                for name, (in_place, *rest) in variants.items()}
     gen = torch.Generator().manual_seed(0)
 

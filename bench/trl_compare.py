@@ -82,6 +82,9 @@ VARIANTS = {
     # make train's recipe (conf/experiment/countdown_cpu.yaml: vllm engine, its dtypes),
     # on the bench's prompts and workload
     "nanovppo-default": ["experiment=countdown_cpu", "task=countdown"],
+    # the same with each op of the update a pass of its own (trainer.fused_kernels off)
+    "nanovppo-default-unfused": ["experiment=countdown_cpu", "task=countdown",
+                                 "trainer.fused_kernels=false"],
     # the same with fp32 master weights (the recipe's before it took bf16 weights)
     "nanovppo-default-fp32w": ["experiment=countdown_cpu", "task=countdown",
                                "hardware.param_dtype=float32"],

@@ -42,21 +42,24 @@ from nanovppo.packed import PackedLogprobs, supports
 from nanovppo.models import autocast_ctx
 
 
-def logprob_module(policy, fast: bool, strategy: str | None = None) -> torch.nn.Module:
+def logprob_module(policy, fast: bool, strategy: str | None = None,
+                   fused: bool = False) -> torch.nn.Module:
     """The module whose forward gives a micro-batch's completion log-probs (the trainer
     wraps it, not the policy, in DDP or FSDP2). ``strategy``: None in one process, else the
-    torchrun job's ``hardware.strategy`` (``ddp`` | ``fsdp2``) that trains the module."""
+    torchrun job's ``hardware.strategy`` (``ddp`` | ``fsdp2``) that trains the module.
+    ``fused``: on the fast path, its elementwise work compiled (``trainer.fused_kernels``,
+    ``nanovppo/kernels.py``)."""
     if not fast:
         return PlainLogprobs(policy)
     if strategy == "fsdp2":  # FSDP2 gathers a layer's weights in that layer's own forward
-        return GroupLogprobs(policy)
+        return GroupLogprobs(policy, fused=fused)
     if strategy is None:  # a sparse gradient: one process only (DDP reduces dense ones)
         sparse_tied_embedding_grads(policy)
     if supports(policy):  # in one process each weight's gradient is accumulated in place
-        return PackedLogprobs(policy, grads_in_place=strategy is None)
+        return PackedLogprobs(policy, grads_in_place=strategy is None, fused=fused)
     # Its backward in two parts: one process only (DDP reduces a micro-batch's gradients in
     # one backward pass)
-    return GroupLogprobs(policy, split_backward=strategy is None)
+    return GroupLogprobs(policy, split_backward=strategy is None, fused=fused)
 
 
 def needs_old_logprobs(algo, cfg) -> bool:

@@ -159,7 +159,7 @@ def _split_at_prompt(h_prompt, keys, values):
 
 def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0,
                    chunk_tokens: int | None = None, with_entropy: bool = False,
-                   split_backward: bool = False):
+                   split_backward: bool = False, fused: bool = False):
     """Like ``completion_logprobs``, but each prompt is run once for its whole group.
 
     The prompt's keys and values (with their autograd history) are computed once and
@@ -167,6 +167,7 @@ def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0,
     backward instead of n: for GRPO on short completions most of the tokens are prompt.
     ``split_backward`` runs the completion pass's backward before the prompt pass's
     (``_PromptBoundary``): the same gradients with a lower peak, in one process.
+    ``fused``: the head's vocabulary-wide work compiled (``nanovppo/kernels.py``).
     """
     decoder = model.get_decoder()
     pids, pmask, cids, cmask, index = batch
@@ -188,7 +189,8 @@ def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0,
     # The state before completion token j is the prompt's last state (j = 0) or the
     # completion's state at j - 1.
     hidden = torch.cat([h_prompt[index][:, None], h_comp[:, :-1]], dim=1)  # [B, C, H]
-    return head_logprobs(model, hidden, cids, cmask, temperature, chunk_tokens, with_entropy)
+    return head_logprobs(model, hidden, cids, cmask, temperature, chunk_tokens, with_entropy,
+                         fused=fused)
 
 
 def checkpoint_layers(model, layers: list[torch.nn.Module]) -> None:
@@ -222,15 +224,16 @@ class GroupLogprobs(torch.nn.Module):
     root's parameters (embeddings, final norm, tied head).
     """
 
-    def __init__(self, model, split_backward: bool = False):
+    def __init__(self, model, split_backward: bool = False, fused: bool = False):
         super().__init__()
         self.model = model
         self.split_backward = split_backward
+        self.fused = fused
 
     def forward(self, batch: GroupBatch, temperature: float = 1.0,
                 chunk_tokens: int | None = None, with_entropy: bool = False):
         return group_logprobs(self.model, batch, temperature, chunk_tokens, with_entropy,
-                              self.split_backward)
+                              self.split_backward, self.fused)
 
 
 class PlainLogprobs(torch.nn.Module):

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nanovppo.head import head_logprobs
+from nanovppo.kernels import kernel
 from nanovppo.logprobs import GroupBatch, _attention_layers
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
@@ -286,37 +287,76 @@ class _LinearGradInPlace(torch.autograd.Function):
         return dx, None
 
 
+@kernel
+def _gated(gate, up):
+    """The gated MLP's middle, ``silu(gate) * up``."""
+    return torch.nn.functional.silu(gate) * up
+
+
+@kernel
+def _gated_grads(dmid, gate, up):
+    """From the middle's gradient ``dmid``: the middle again (the down projection's input,
+    for its weight gradient) and the gradients of ``up`` and ``gate``."""
+    act = torch.nn.functional.silu(gate)
+    dgate = torch.ops.aten.silu_backward(dmid * up, gate)
+    return act * up, dmid * act, dgate
+
+
 class _GatedMLPGradInPlace(torch.autograd.Function):
     """Llama's gated MLP, ``down(silu(gate(x)) * up(x))``, with its three weights'
     gradients added in place (as ``_LinearGradInPlace``) and only ``x``, ``gate(x)`` and
     ``up(x)`` kept for the backward, which recomputes ``silu(gate(x))`` and the product
     from them. Autograd's version of the same ops keeps those two as well, [N, intermediate]
     each: for SmolLM2 in bf16, 6 KB a token and layer of the ~30 KB the forward kept. The
-    gradients are autograd's, op for op (``silu_backward`` is autograd's own kernel)."""
+    gradients are autograd's, op for op (``silu_backward`` is autograd's own kernel);
+    ``fused``: the elementwise work one kernel each way (``nanovppo/kernels.py``)."""
 
     @staticmethod
-    def forward(ctx, x, mlp):
+    def forward(ctx, x, mlp, fused: bool = False):
         gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
         up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
         ctx.save_for_backward(x, gate, up)
-        ctx.mlp = mlp
-        return F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+        ctx.mlp, ctx.fused = mlp, fused
+        return F.linear(_gated(fused, gate, up), mlp.down_proj.weight, mlp.down_proj.bias)
 
     @staticmethod
     def backward(ctx, dy):
         (x, gate, up), mlp = ctx.saved_tensors, ctx.mlp
-        act = F.silu(gate)
         dmid = dy @ mlp.down_proj.weight                  # the product's gradient
-        _add_weight_grads(mlp.down_proj, dy, act * up)
-        dup, dact = dmid * act, dmid * up
-        del act, dmid
-        dgate = torch.ops.aten.silu_backward(dact, gate)
-        del dact
+        mid, dup, dgate = _gated_grads(ctx.fused, dmid, gate, up)
+        del dmid
+        _add_weight_grads(mlp.down_proj, dy, mid)
+        del mid
         _add_weight_grads(mlp.gate_proj, dgate, x)
         _add_weight_grads(mlp.up_proj, dup, x)
         if not ctx.needs_input_grad[0]:
-            return None, None
-        return dgate @ mlp.gate_proj.weight + dup @ mlp.up_proj.weight, None
+            return None, None, None
+        return dgate @ mlp.gate_proj.weight + dup @ mlp.up_proj.weight, None, None
+
+
+@kernel
+def _rms_norm(x, weight, eps: float):
+    """An RMSNorm of x [n, H] and each row's scale [n, 1] (float32)."""
+    x32 = x.float()
+    scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x32 * scale).to(x.dtype), scale
+
+
+@kernel
+def _rms_norm_dx(dy, x, scale, weight):
+    """The RMSNorm's gradient for x [n, H] (``_rms_norm``'s autograd formula)."""
+    x32 = x.float()
+    dnormed = (dy * weight).to(x.dtype).float()
+    dscale = (dnormed * x32).sum(-1, keepdim=True)
+    dmean = -0.5 * dscale * scale.pow(3) / x.shape[-1]
+    return (dnormed * scale + dmean * (2 * x32)).to(x.dtype)
+
+
+@kernel
+def _rms_norm_dweight(dy, x, scale, dtype: torch.dtype):
+    """The RMSNorm's gradient for its weight [H], summed over the rows of x [n, H]."""
+    normed = (x.float() * scale).to(x.dtype)
+    return (dy * normed).sum(0).to(dtype)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -324,40 +364,37 @@ class _RMSNorm(torch.autograd.Function):
     statistics in float32, keeping only ``x`` and each row's scale for the backward. The
     module's own forward keeps a float32 copy of ``x`` and the normalised ``x`` as well
     (3x the bytes of a bf16 ``x``); the backward here recomputes them. Its formulas are
-    autograd's for those ops, in the same dtypes."""
+    autograd's for those ops, in the same dtypes; ``fused``: each pass one kernel
+    (``nanovppo/kernels.py``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps: float):
-        x32 = x.float()
-        scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    def forward(ctx, x, weight, eps: float, fused: bool = False):
+        out, scale = _rms_norm(fused, x.flatten(0, -2), weight, eps)
         ctx.save_for_backward(x, scale, weight)
-        return weight * (x32 * scale).to(x.dtype)
+        ctx.fused = fused
+        return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x, scale, weight = ctx.saved_tensors
-        x32 = x.float()
+        x2, dy2 = x.flatten(0, -2), dy.flatten(0, -2)                        # [n, H]
         dweight = dx = None
         if ctx.needs_input_grad[1]:
-            normed = (x32 * scale).to(x.dtype)
-            dweight = (dy * normed).sum(tuple(range(dy.dim() - 1))).to(weight.dtype)
+            dweight = _rms_norm_dweight(ctx.fused, dy2, x2, scale, weight.dtype)
         if ctx.needs_input_grad[0]:
-            dnormed = (dy * weight).to(x.dtype).float()
-            dscale = (dnormed * x32).sum(-1, keepdim=True)
-            dmean = -0.5 * dscale * scale.pow(3) / x.shape[-1]
-            dx = (dnormed * scale + dmean * (2 * x32)).to(x.dtype)
-        return dx, dweight, None
+            dx = _rms_norm_dx(ctx.fused, dy2, x2, scale, weight).view(x.shape)
+        return dx, dweight, None, None
 
 
 _RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # the formula of ``_RMSNorm``
 
 
-def _norm(module, x):
+def _norm(module, x, fused: bool = False):
     """``module(x)``: an RMSNorm of ``_RMS_NORMS`` through ``_RMSNorm`` (less kept for the
-    backward), any other norm through its own forward."""
+    backward; ``fused``: its kernels compiled), any other norm through its own forward."""
     if type(module).__name__ not in _RMS_NORMS:
         return module(x)
-    return _RMSNorm.apply(x, module.weight, module.variance_epsilon)
+    return _RMSNorm.apply(x, module.weight, module.variance_epsilon, fused)
 
 
 def _in_place(module, x, grads_in_place: bool) -> bool:
@@ -382,40 +419,43 @@ def _linear(module, x, grads_in_place: bool):
     return _LinearGradInPlace.apply(x, module)
 
 
-def _mlp(mlp, x, grads_in_place: bool):
-    """The gated MLP of ``x``: through ``_GatedMLPGradInPlace`` where its three projections
-    can add their gradients in place and the activation is SiLU, else op by op (as Llama's
-    and Qwen's compute it)."""
+def _mlp(mlp, x, grads_in_place: bool, fused: bool = False):
+    """The gated MLP of ``x``: through ``_GatedMLPGradInPlace`` (``fused``: its kernels
+    compiled) where its three projections can add their gradients in place and the
+    activation is SiLU, else op by op (as Llama's and Qwen's compute it)."""
     projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if (type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation")
             and all(_in_place(m, x, grads_in_place) for m in projections)):
-        return _GatedMLPGradInPlace.apply(x, mlp)
+        return _GatedMLPGradInPlace.apply(x, mlp, fused)
     linear = lambda m, x: _linear(m, x, grads_in_place)  # noqa: E731
     return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
 
 
-def _layer(layer, h, cos, sin, layout: Layout, grads_in_place: bool = False):
+def _layer(layer, h, cos, sin, layout: Layout, grads_in_place: bool = False,
+           fused: bool = False):
     """One decoder layer over the packed states h [N, H]."""
     attn = layer.self_attn
     linear = lambda m, x: _linear(m, x, grads_in_place)  # noqa: E731
-    x = _norm(layer.input_layernorm, h)
+    x = _norm(layer.input_layernorm, h, fused)
     q = linear(attn.q_proj, x).unflatten(-1, (-1, attn.head_dim))          # [N, heads, d]
     k = linear(attn.k_proj, x).unflatten(-1, (-1, attn.head_dim))          # [N, kv heads, d]
     v = linear(attn.v_proj, x).unflatten(-1, (-1, attn.head_dim))
     if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's queries and keys
-        q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
+        q, k = _norm(attn.q_norm, q, fused), _norm(attn.k_norm, k, fused)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     h = h + linear(attn.o_proj, layout.attend(q, k, v, attn.scaling))
-    return h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h), grads_in_place)
+    return h + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, h, fused), grads_in_place,
+                    fused)
 
 
 def packed_logprobs(model, batch: GroupBatch, temperature: float = 1.0,
                     chunk_tokens: int | None = None, with_entropy: bool = False,
-                    grads_in_place: bool = False):
+                    grads_in_place: bool = False, fused: bool = False):
     """Log-probs [B, C] of a ``GroupBatch``'s completion tokens (and their entropy), as
     ``group_logprobs`` gives them, in one pass over the real tokens; see module doc.
     ``grads_in_place``: the projections' weight gradients are added into ``.grad`` by
-    their backward (``_LinearGradInPlace``; one process only)."""
+    their backward (``_LinearGradInPlace``; one process only). ``fused``: the norms', the
+    MLP's and the head's elementwise work compiled (``nanovppo/kernels.py``)."""
     decoder = model.get_decoder()
     eager = getattr(model.config, "_attn_implementation", None) == "eager"
     tokens, positions, layout = _layout(batch, eager)
@@ -424,11 +464,11 @@ def packed_logprobs(model, batch: GroupBatch, temperature: float = 1.0,
     cos, sin = cos[0], sin[0]
     for layer in decoder.layers:
         if getattr(layer, "_nanovppo_checkpointed", False) and torch.is_grad_enabled():
-            h = checkpoint(_layer, layer, h, cos, sin, layout, grads_in_place,
+            h = checkpoint(_layer, layer, h, cos, sin, layout, grads_in_place, fused,
                            use_reentrant=False)
         else:
-            h = _layer(layer, h, cos, sin, layout, grads_in_place)
-    h = _norm(decoder.norm, h)
+            h = _layer(layer, h, cos, sin, layout, grads_in_place, fused)
+    h = _norm(decoder.norm, h, fused)
     # The state before completion token j: its prompt's last (j = 0), else input j - 1's.
     cids, cmask, index = batch.completion_ids, batch.completion_mask, batch.group_index
     last = layout.prompt_mask.sum(-1).cumsum(0) - 1                         # [G] packed index
@@ -436,20 +476,22 @@ def packed_logprobs(model, batch: GroupBatch, temperature: float = 1.0,
     rest = _to_padded(h[layout.n_prompt:layout.n_real], layout.input_mask)  # [B, C - 1, H]
     hidden = torch.cat([first, rest], dim=1)                                # [B, C, H]
     return head_logprobs(model, hidden, cids, cmask, temperature, chunk_tokens, with_entropy,
-                         grads_in_place)
+                         grads_in_place, fused)
 
 
 class PackedLogprobs(torch.nn.Module):
     """``packed_logprobs`` of a policy as a module's forward (the fast path's
     ``logprob_module`` in one process and under DDP, for the architectures it ``supports``).
-    ``grads_in_place``: see ``packed_logprobs`` (in one process, not under DDP)."""
+    ``grads_in_place``, ``fused``: see ``packed_logprobs`` (``grads_in_place`` in one
+    process, not under DDP)."""
 
-    def __init__(self, model, grads_in_place: bool = False):
+    def __init__(self, model, grads_in_place: bool = False, fused: bool = False):
         super().__init__()
         self.model = model
         self.grads_in_place = grads_in_place
+        self.fused = fused
 
     def forward(self, batch: GroupBatch, temperature: float = 1.0,
                 chunk_tokens: int | None = None, with_entropy: bool = False):
         return packed_logprobs(self.model, batch, temperature, chunk_tokens, with_entropy,
-                               self.grads_in_place)
+                               self.grads_in_place, self.fused)

@@ -88,7 +88,8 @@ def build_run(cfg: DictConfig, run_dir, launch: Launch, d: dd.Dist,
     tracker = make_tracker(cfg, run_dir, state, task, launch) if d.main else None
     with _ends_run_on_error(tracker):  # a run that stops here is not left RUNNING
         strategy = str(cfg.hardware.strategy) if d.on else None
-        wrap = lambda p: dd.wrap(logprob_module(p, bool(cfg.trainer.fast), strategy),  # noqa: E731
+        wrap = lambda p: dd.wrap(logprob_module(p, bool(cfg.trainer.fast), strategy,  # noqa: E731
+                                                bool(cfg.trainer.fused_kernels)),
                                  str(cfg.hardware.strategy), d, device)
         model = None
         if not resuming and cfg.warm_start.steps > 0:
@@ -153,11 +154,11 @@ def _reference(cfg, algo, policy, run_dir, resuming: bool, device, strategy: str
     """The KL reference's log-prob module (None when the algorithm uses none)."""
     if not algo.uses_reference:
         return None
-    fast = bool(cfg.trainer.fast)
+    fast, fused = bool(cfg.trainer.fast), bool(cfg.trainer.fused_kernels)
     frozen = reference_model(cfg, policy, run_dir, resuming, device)
     if frozen is None:  # LoRA: the policy with its adapters off, as it trains
-        return lora_mod.AdapterOffLogprobs(logprob_module(policy, fast, strategy))
-    return logprob_module(frozen, fast)  # a whole frozen copy on every process
+        return lora_mod.AdapterOffLogprobs(logprob_module(policy, fast, strategy, fused))
+    return logprob_module(frozen, fast, fused=fused)  # a whole frozen copy on every process
 
 
 def _engine(cfg, policy, tokenizer, d: dd.Dist):

@@ -118,6 +118,7 @@ RULES: dict[str, Rule] = {
     "trainer.logprob_chunk_tokens": integer(1),
     "trainer.progress": BOOL,
     "trainer.fast": BOOL,
+    "trainer.fused_kernels": BOOL,
     "tracking.uri": optional(TEXT),
     "tracking.experiment": TEXT,
     "tracking.run_name": optional(TEXT),

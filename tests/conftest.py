@@ -20,9 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # Small settings for runs on the tiny random model. Its tokenizer, read from SmolLM2's GGUF
 # file, is saved once in the repository's model cache (as `make train`'s model is) and
 # shared by every test and the runs they start.
+# The update's compiled kernels (trainer.fused_kernels, on by default) are off here: loading
+# them costs a run ~4 s (torch.compile's start, the cached code) and the tiny runs test other
+# things. tests/test_kernels.py, test_update_reference.py (every algorithm against the plain
+# reference) and the bench's smoke runs (bench/, on the default configuration) run them.
 TINY = ["experiment=bare", "model=tiny-random", "trainer.prompts_per_step=2", "algo.group_size=2",
         "rollout.max_new_tokens=6", "trainer.eval_examples=2", "trainer.progress=false",
-        "task.n_train=50", "task.n_test=4", f"model.cache_dir={ROOT / 'outputs' / 'cache' / 'models'}"]
+        "task.n_train=50", "task.n_test=4", f"model.cache_dir={ROOT / 'outputs' / 'cache' / 'models'}",
+        "trainer.fused_kernels=false"]
 
 
 def compose_cfg(overrides=(), tmp_path: Path | None = None):

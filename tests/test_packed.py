@@ -375,9 +375,10 @@ def test_head_chunks_are_counted_in_positions(tiny, monkeypatch):
     model, tok = tiny
     model = copy.deepcopy(model).train()
     rows = []
-    real_logits = head._logits
-    monkeypatch.setattr(head, "_logits",
-                        lambda h, *a: rows.append(h.shape[0]) or real_logits(h, *a))
+    for name in ("_token_logprobs", "_token_logprobs_entropy", "_logits_grad"):  # a chunk's logits
+        real = getattr(head, name)
+        monkeypatch.setattr(head, name, lambda fused, logits, *a, real=real:
+                            rows.append(logits.shape[0]) or real(fused, logits, *a))
     gen = torch.Generator().manual_seed(0)
     completions = [[torch.randint(3, 200, (30,), generator=gen).tolist() for _ in range(4)]]
     batch = pad_groups([[5, 6, 7]], completions, tok.pad_token_id)

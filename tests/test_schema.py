@@ -50,6 +50,7 @@ BAD = {
     "trainer.logprob_chunk_tokens": 0,
     "trainer.progress": "yes",
     "trainer.fast": 1,
+    "trainer.fused_kernels": "yes",
     "tracking.uri": "",
     "tracking.experiment": " ",
     "tracking.run_name": 3,

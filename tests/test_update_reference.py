@@ -38,6 +38,7 @@ from nanovppo.packed import PackedLogprobs
 from nanovppo.rollout import Sample
 from nanovppo.batching import split_groups
 from nanovppo.fast import logprob_module
+from nanovppo.kernels import KERNELS
 from nanovppo.models import autocast_ctx
 from nanovppo.update import resolve_correction, update
 from tests.conftest import TINY, compose_cfg
@@ -156,7 +157,8 @@ def test_update_matches_a_plain_reference(tiny, name, extra, correction, dtype, 
                          else ["trainer.micro_batch_size=2"]),
                        f"hardware.compute_dtype={dtype}", f"rollout.correction.mode={correction}",
                        "rollout.correction.level=" + ("sequence" if name == "cispo" else "token"),
-                       "rollout.correction.low=0.8", "rollout.correction.high=1.25", *extra])
+                       "rollout.correction.low=0.8", "rollout.correction.high=1.25",
+                       "trainer.fused_kernels=true", *extra])  # the default, off in TINY
     base, tok = tiny
     algo = build(cfg.algo)
     samples = scripted_samples(base.config.vocab_size, per_token=name == "vppo")
@@ -164,14 +166,17 @@ def test_update_matches_a_plain_reference(tiny, name, extra, correction, dtype, 
 
     # the production path, as the trainer builds it in one process
     policy = copy.deepcopy(base).train()
-    ref = logprob_module(copy.deepcopy(base).eval().requires_grad_(False), fast)
-    model = logprob_module(policy, fast)
+    fused = bool(cfg.trainer.fused_kernels)
+    ref = logprob_module(copy.deepcopy(base).eval().requires_grad_(False), fast, fused=fused)
+    model = logprob_module(policy, fast, fused=fused)
     assert isinstance(model, PackedLogprobs if fast else PlainLogprobs)
+    assert not fast or model.fused
     # the fast path's tied embedding has a sparse gradient; the plain one's is dense
     assert policy.get_input_embeddings().sparse == fast
     got = update(model, ref, algo, copy.deepcopy(samples), cfg,
                  torch.optim.SGD(model.parameters(), lr=LR), tok.pad_token_id, step=3,
                  correction=fix)
+    assert not any(k.failed for k in KERNELS.values())  # the kernels ran compiled
 
     plain = copy.deepcopy(base).train()
     autocast = lambda: autocast_ctx(cfg)  # bf16 matmuls over fp32 weights, or nothing
