@@ -14,7 +14,7 @@ kv"):
   HF's module's float32 copy of x and its normalised x;
 - the MLP recomputes (``_GatedMLPGradInPlace``): the gated MLP keeps x, gate(x) and up(x)
   and recomputes silu(gate(x)) and the product in its backward;
-- probabilities kept once (``_SoftmaxTimesV``): the eager attention keeps its float32
+- probabilities kept once (``_Attention``): the eager attention keeps its float32
   probabilities, not also their bf16 copy (as before: ``GroupedKV``).
 
 Since, by name: "all three, fused kernels", the same with their elementwise work compiled
@@ -100,21 +100,21 @@ class KeptProbs(packed.Layout):
         b, h, c, d = q.shape
         kv = k.shape[1]
         qg = q.reshape(b, kv, h // kv * c, d)
-        scores = packed._scores(qg, k, mask, scaling, h // kv)
-        return packed._SoftmaxTimesV.apply(scores, v).view(b, h, c, d)
+        return packed._Attention.apply(qg, k, v, mask, scaling, h // kv,
+                                       False).view(b, h, c, d)
 
 
 class RecomputedProbs(packed.Layout):
     """The eager attention keeping only q, k, v and the mask at any length, recomputing
-    the scores and probabilities in its backward (``packed._RecomputedAttention``; the
-    package takes it above ``packed.RECOMPUTED_PROBS_BYTES``)."""
+    the scores and probabilities in its backward (``packed._Attention`` with ``recompute``;
+    the package takes it above ``packed.RECOMPUTED_PROBS_BYTES``)."""
 
     def _kernel(self, q, k, v, mask, scaling):
         b, h, c, d = q.shape
         kv = k.shape[1]
         qg = q.reshape(b, kv, h // kv * c, d)
-        return packed._RecomputedAttention.apply(qg, k, v, mask, scaling,
-                                                 h // kv).view(b, h, c, d)
+        return packed._Attention.apply(qg, k, v, mask, scaling, h // kv,
+                                       True).view(b, h, c, d)
 
 
 _LAYOUT = {"cls": packed.Layout}

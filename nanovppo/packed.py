@@ -23,10 +23,10 @@ results back.
 
 What the forward keeps for the backward is its activation memory, which sets the
 update's peak: the RMSNorms (``_RMSNorm``), the gated MLP (``_GatedMLPGradInPlace``) and
-the eager attention's softmax (``_SoftmaxTimesV``) are autograd functions here that
-keep less than the ops they replace (and recompute the rest), with the same gradients:
-for a micro-batch of make train's, 437 MB -> 261 MB (``bench/packed_update.py``). For long
-completions the attention keeps only q, k and v instead (``_RecomputedAttention``, above
+the eager attention (``_Attention``) are autograd functions here that keep less than
+the ops they replace (and recompute the rest), with the same gradients: for a micro-batch
+of make train's, 437 MB -> 261 MB (``bench/packed_update.py``). For long completions the
+attention keeps only q, k and v instead (``_Attention``'s ``recompute``, above
 ``RECOMPUTED_PROBS_BYTES``): at 256 tokens 1,512 MB -> 823 MB a micro-batch.
 
 The layers' submodules (norms, projections, MLP) are called directly, so this works for
@@ -56,10 +56,10 @@ SUPPORTED = ("llama", "qwen2", "qwen3")
 ROW_MULTIPLE = 32
 # The eager attention keeps its float32 probabilities for the backward up to this many
 # bytes a call, and above it keeps only q, k and v and computes them again in the backward
-# (``_RecomputedAttention``). One micro-batch's forward and backward (bench/packed_update.py,
-# docs/results.md): at make train's 48 tokens (calls of 1-3 MB) keeping is 1-7% faster;
-# at 96 (~6 MB) the two take the same time and recomputing keeps 141 MB less; at 256
-# (~30 MB) recomputing is 8% faster and keeps 0.69 GB less.
+# (``_Attention``'s ``recompute``). One micro-batch's forward and backward
+# (bench/packed_update.py, docs/results.md): at make train's 48 tokens (calls of 1-3 MB)
+# keeping is 1-7% faster; at 96 (~6 MB) the two take the same time and recomputing keeps
+# 141 MB less; at 256 (~30 MB) recomputing is 8% faster and keeps 0.69 GB less.
 RECOMPUTED_PROBS_BYTES = 4 << 20
 
 
@@ -125,47 +125,11 @@ class Layout(NamedTuple):
         # The query heads that share a kv head as rows of one product with it: no copies of
         # k and v per query head, and h / kv times fewer, larger products.
         qg = q.reshape(b, kv, h // kv * c, d)
-        if 4 * b * h * c * k.shape[2] > RECOMPUTED_PROBS_BYTES:  # its float32 probabilities
-            return _RecomputedAttention.apply(qg, k, v, mask, scaling, h // kv).view(b, h, c, d)
-        return _SoftmaxTimesV.apply(_scores(qg, k, mask, scaling, h // kv), v).view(b, h, c, d)
-
-
-class _SoftmaxTimesV(torch.autograd.Function):
-    """``softmax(scores)`` in float32, cast to ``v``'s dtype, times ``v``, keeping only the
-    float32 probabilities (and ``v``) for the backward: autograd would keep their cast copy
-    too, half as many bytes again. The gradients are autograd's for these ops."""
-
-    @staticmethod
-    def forward(ctx, scores, v):
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        ctx.save_for_backward(probs, v)
-        ctx.scores_dtype = scores.dtype
-        return probs.to(v.dtype) @ v
-
-    @staticmethod
-    def backward(ctx, dout):
-        probs, v = ctx.saved_tensors
-        dscores, dv = _softmax_times_v_grads(probs, v, dout, *ctx.needs_input_grad)
-        return None if dscores is None else dscores.to(ctx.scores_dtype), dv
-
-
-def _softmax_times_v_grads(probs, v, dout, want_scores: bool = True, want_v: bool = True):
-    """The gradients of ``probs.to(v.dtype) @ v``, ``probs`` the float32 softmax of some
-    scores, for output gradient ``dout``: (the scores' in float32, v's); None where not
-    wanted."""
-    dv = probs.to(v.dtype).transpose(-1, -2) @ dout if want_v else None
-    dscores = None
-    if want_scores:
-        dprobs = (dout @ v.transpose(-1, -2)).float()
-        dscores = torch._softmax_backward_data(dprobs, probs, -1, torch.float32)
-    return dscores, dv
-
-
-def _scores(qg, k, mask, scaling: float, groups: int) -> torch.Tensor:
-    """qg k^T * scaling, -inf-like where ``mask`` hides a key; qg [b, kv, groups * c, d]
-    holds the ``groups`` query heads of each kv head as rows -> [b, kv, groups * c, K]."""
-    scores = (qg @ k.transpose(-1, -2)) * scaling
-    return _fill_hidden(scores, mask, groups, torch.finfo(scores.dtype).min)
+        if torch.is_autocast_enabled(q.device.type):  # cast as autocast's products would,
+            dtype = torch.get_autocast_dtype(q.device.type)  # so that the casts are kept
+            qg, k, v = qg.to(dtype), k.to(dtype), v.to(dtype)
+        recompute = 4 * b * h * c * k.shape[2] > RECOMPUTED_PROBS_BYTES  # float32 probs
+        return _Attention.apply(qg, k, v, mask, scaling, h // kv, recompute).view(b, h, c, d)
 
 
 def _fill_hidden(x, mask, groups: int, value: float) -> torch.Tensor:
@@ -176,35 +140,60 @@ def _fill_hidden(x, mask, groups: int, value: float) -> torch.Tensor:
         ~mask[:, :, None], value).view(b, kv, rows, keys)
 
 
-class _RecomputedAttention(torch.autograd.Function):
-    """The eager attention (``_scores``, their float32 softmax cast to ``v``'s dtype, times
-    ``v``) keeping only q, k, v and the mask: the backward computes the scores and the
-    probabilities again, under the autocast the forward ran in. The gradients are
-    autograd's for these ops. Taken above ``RECOMPUTED_PROBS_BYTES``."""
+def _attention_probs(scores, mask, scaling: float, groups: int):
+    """The float32 softmax over the keys of ``scores * scaling`` [b, kv, groups * c, K]
+    (the ``groups`` query heads of a kv head as rows), -inf-like where ``mask`` [b, 1, c,
+    K] hides a key, and its cast to the scores' dtype (for the product with v)."""
+    scaled = _fill_hidden(scores * scaling, mask, groups, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
+    return probs, probs.to(scores.dtype)
+
+
+def _attention_grads(dprobs, probs, mask, scaling: float, groups: int):
+    """From the gradient ``dprobs`` of ``_attention_probs``' cast probabilities: the raw
+    scores' gradient (softmax's backward, 0 at hidden keys, times ``scaling``) and the cast
+    probabilities again (for v's gradient), both in ``dprobs``' dtype."""
+    dscores = torch._softmax_backward_data(dprobs.float(), probs, -1, torch.float32)
+    dscores = _fill_hidden(dscores.to(dprobs.dtype), mask, groups, 0) * scaling
+    return dscores, probs.to(dprobs.dtype)
+
+
+class _Attention(torch.autograd.Function):
+    """The eager attention: ``qg k^T * scaling`` [b, kv, groups * c, K] (``qg`` holds the
+    ``groups`` query heads of each kv head as rows), -inf-like where ``mask`` hides a key,
+    its float32 softmax cast to the scores' dtype, times ``v``.
+
+    For its backward it keeps q, k, v, the mask and the float32 probabilities (autograd
+    would keep their cast copy too, half as many bytes again); with ``recompute`` not the
+    probabilities: the backward computes them again (under the autocast the forward ran
+    in), for long completions (``RECOMPUTED_PROBS_BYTES``). The gradients are autograd's
+    for these ops. (Its softmax work compiled like the kernels of ``nanovppo/kernels.py``
+    measured no faster: docs/results.md, "Fused kernels".)"""
 
     @staticmethod
-    def forward(ctx, qg, k, v, mask, scaling: float, groups: int):
+    def forward(ctx, qg, k, v, mask, scaling: float, groups: int, recompute: bool = False):
         device = qg.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device),
                         torch.is_autocast_enabled(device))
-        ctx.scaling, ctx.groups = scaling, groups
-        ctx.save_for_backward(qg, k, v, mask)
-        scores = _scores(qg, k, mask, scaling, groups)
-        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype) @ v
+        ctx.args = scaling, groups
+        probs, cast = _attention_probs(qg @ k.transpose(-1, -2), mask, scaling, groups)
+        ctx.save_for_backward(qg, k, v, mask, None if recompute else probs)
+        return cast @ v
 
     @staticmethod
     def backward(ctx, dout):
-        qg, k, v, mask = ctx.saved_tensors
+        qg, k, v, mask, probs = ctx.saved_tensors
+        scaling, groups = ctx.args
         device, dtype, enabled = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
-            scores = _scores(qg, k, mask, ctx.scaling, ctx.groups)
-            scores_dtype = scores.dtype
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-            del scores
-            dscores, dv = _softmax_times_v_grads(probs, v, dout)
+            if probs is None:  # recomputed
+                probs, _ = _attention_probs(qg @ k.transpose(-1, -2), mask, scaling, groups)
+            dscores, cast = _attention_grads(dout @ v.transpose(-1, -2), probs, mask, scaling,
+                                             groups)
             del probs
-            dscores = _fill_hidden(dscores.to(scores_dtype), mask, ctx.groups, 0) * ctx.scaling
-            return dscores @ k, dscores.transpose(-1, -2) @ qg, dv, None, None, None
+            dv = cast.transpose(-1, -2) @ dout
+            del cast
+            return dscores @ k, dscores.transpose(-1, -2) @ qg, dv, None, None, None, None
 
 
 def _layout(batch: GroupBatch, eager: bool):

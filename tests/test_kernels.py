@@ -83,11 +83,13 @@ def test_logits_grad_is_onehot_minus_softmax():
 @pytest.mark.parametrize("autocast", [False, True])
 def test_the_fused_one_pass_gives_the_update_without(tiny, autocast):
     """The one pass with its kernels compiled (norms, MLP, head; the projections' gradients
-    in place, as the trainer runs it) against the same pass op by op: log-probs, entropies
-    and every parameter's gradient agree, to float32's rounding in fp32 and to bf16's
-    (2^-7 of each gradient's norm) under bf16 autocast, at a temperature."""
+    in place, as the trainer runs it; the default's eager attention) against the same pass
+    op by op: log-probs, entropies and every parameter's gradient agree, to float32's
+    rounding in fp32 and to bf16's (2^-7 of each gradient's norm) under bf16 autocast, at
+    a temperature."""
     model, tok = tiny
     model = copy.deepcopy(model).train()
+    model.set_attn_implementation("eager")  # the default's (hardware.attn_implementation)
     batch = pad_groups(PROMPTS, COMPLETIONS, tok.pad_token_id)
     weights = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
 

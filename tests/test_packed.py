@@ -118,7 +118,7 @@ def test_completions_of_one_token_only(tiny):
 def test_packed_gradients_equal_plain_gradients(tiny, checkpointed, attention):
     """The same gradient for every parameter as the padded forward of each sequence with
     its own prompt (sdpa attention), with activation checkpointing too, the packed forward
-    with sdpa or with its eager attention (``_SoftmaxTimesV``); each weight's gradient
+    with sdpa or with its eager attention (``_Attention``); each weight's gradient
     arrives in one part (the two-pass forward accumulates two for every weight)."""
     from nanovppo.distributed import decoder_layers
     from nanovppo.logprobs import checkpoint_layers
@@ -302,13 +302,15 @@ def test_norms_the_mlp_and_attention_keep_less_for_the_backward(tiny):
       normalised x in bf16 (2NH) and its scale (4N): 2NH + 4N against 6NH + 4N;
     - MLP: x (2NH) + gate(x), up(x) (2NI each) against those + silu(gate(x)) and the
       product (2NI each): 2N(H + 2I) against 2N(H + 4I);
-    - softmax(scores) @ v for S scores [2, 3, 10, 6] and v [2, 3, 6, 8] in bf16: the
-      float32 probabilities (4S bytes) and v (2V) against those + their bf16 copy (2S).
+    - the eager attention (``_Attention``), 2 query heads a kv head, S = 2 x 3 x 10 x 6
+      scores: q, k, v, the mask and the float32 probabilities (4S bytes) against those +
+      the probabilities' bf16 copy (2S).
 
     Gradients in bf16: the norm's are the module's to one bf16 rounding, the MLP's and the
     attention's the op-by-op ones' (the same ops in the same order); the attention's also
-    under a bf16 autocast with float32 scores."""
-    from nanovppo.packed import _mlp, _norm, _SoftmaxTimesV
+    under a bf16 autocast with float32 q, k, v (cast to bf16 and kept as such, as autocast's
+    products keep them)."""
+    from nanovppo.packed import Layout, _fill_hidden, _mlp, _norm
 
     model, _ = tiny
     layer = copy.deepcopy(model.model.layers[0]).to(torch.bfloat16).train()
@@ -344,22 +346,33 @@ def test_norms_the_mlp_and_attention_keep_less_for_the_backward(tiny):
         assert torch.equal(got[3][name], want[3][name]), name
 
     g = torch.Generator().manual_seed(2)
-    scores, v = torch.randn(2, 3, 10, 6, generator=g), torch.randn(2, 3, 6, 8, generator=g)
-    dout = torch.randn(2, 3, 10, 8, generator=g).to(torch.bfloat16)
-    S, V = scores.numel(), v.numel()
+    groups, scaling = 2, 0.5
+    qg, k = torch.randn(2, 3, groups * 5, 4, generator=g), torch.randn(2, 3, 6, 4, generator=g)
+    v = torch.randn(2, 3, 6, 4, generator=g)
+    mask = torch.rand(2, 1, 5, 6, generator=g) < 0.7
+    mask[..., 0] = True  # every query sees a key
+    dout = torch.randn(2, 3, groups * 5, 4, generator=g).to(torch.bfloat16)
+    S = 2 * 3 * groups * 5 * 6  # scores
+    layout = Layout(*[None] * 5, n_prompt=0, eager=True, n_real=0)  # its eager attention
 
-    for autocast, s_dtype in [(False, torch.bfloat16), (True, torch.float32)]:
+    def op_by_op(qg, k, v):
+        scores = _fill_hidden((qg @ k.transpose(-1, -2)) * scaling, mask, groups,
+                              torch.finfo(torch.bfloat16).min)
+        return torch.softmax(scores, -1, dtype=torch.float32).to(torch.bfloat16) @ v
+
+    for autocast, dtype in [(False, torch.bfloat16), (True, torch.float32)]:
         def attention(fn):
-            ins = [scores.to(s_dtype).requires_grad_(), v.to(torch.bfloat16).requires_grad_()]
+            ins = [t.to(dtype).requires_grad_() for t in (qg, k, v)]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 size, out = kept_bytes(layer, lambda: fn(*ins))
             out.backward(dout)
             return size, out.detach(), *(t.grad for t in ins)
 
-        got = attention(lambda s, v: _SoftmaxTimesV.apply(s, v))
-        want = attention(lambda s, v: torch.softmax(s, -1, dtype=torch.float32).to(v.dtype) @ v)
-        assert (got[0], want[0]) == (4 * S + 2 * V, 6 * S + 2 * V)
-        assert got[2].dtype == s_dtype
+        got = attention(lambda q_, k_, v_: layout._kernel(
+            q_.view(2, 3 * groups, 5, 4), k_, v_, mask, scaling).view(2, 3, groups * 5, 4))
+        want = attention(op_by_op)
+        assert got[0] == want[0] - 2 * S
+        assert got[2].dtype == dtype
         for a, b in zip(got[1:], want[1:]):
             assert torch.equal(a, b)
 
