@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 class Kernel:
     """``fn`` callable as ``kernel(fused, *args)``: compiled where ``fused`` (and compiling
-    works), else ``fn`` itself."""
+    works), else ``fn`` itself. Any exception from the compiled call sends this call and
+    every later one to ``fn``; an error that is not the compiler's is raised again there."""
 
     def __init__(self, fn):
         self.fn = fn

@@ -25,6 +25,7 @@ from nanovppo.logprobs import GroupLogprobs, checkpoint_layers  # noqa: E402
 from nanovppo.models import load_model  # noqa: E402
 from nanovppo.rollout import Sample  # noqa: E402
 from nanovppo.update import update  # noqa: E402
+from nanovppo.kernels import KERNELS  # noqa: E402
 from tests.conftest import TINY, compose_cfg  # noqa: E402
 
 # Group g has GROUP_SIZES[g] completions; with two ranks rank 0 gets groups 0, 2, 4 and
@@ -64,7 +65,8 @@ def main(out: str, strategy: str, overrides: list[str]) -> None:
         checkpoint_layers(policy, dd.decoder_layers(policy))
     # The trainer's module (nanovppo/parts.py): under DDP, and in one process, the one-pass
     # forward over prompt and completion tokens (packed); under FSDP2 the two-pass one.
-    module = logprob_module(policy, bool(cfg.trainer.fast), strategy if d.on else None)
+    module = logprob_module(policy, bool(cfg.trainer.fast), strategy if d.on else None,
+                            bool(cfg.trainer.fused_kernels))
     module_name = type(module).__name__  # before FSDP2 renames the class it shards
     model = dd.wrap(module, strategy, d, "cpu")
     # Plain SGD: its step is proportional to the gradient, so a gradient off by a factor
@@ -79,6 +81,7 @@ def main(out: str, strategy: str, overrides: list[str]) -> None:
         state = model.state_dict()
     if d.main:
         torch.save({"module": module_name, "metrics": metrics,
+                    "kernels_fell_back": [n for n, k in KERNELS.items() if k.failed],
                     "params": {k.removeprefix("model."): v.clone() for k, v in state.items()},
                     "initial": initial}, out)
     dd.shutdown()

@@ -13,8 +13,10 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "dist_update_worker.py"
 # Several micro-batches per minibatch, two minibatches, two epochs and a KL term: every
 # path of the update (no_sync, padding with empty micro-batches, old and ref log-probs).
+# The update's compiled kernels on (the default; off in TINY): under DDP the one pass's
+# norms and head run them, under FSDP2 the two-pass forward's head.
 HARD = ["algo.ppo_epochs=2", "algo.num_minibatches=2", "algo.kl_coef=0.05",
-        "trainer.micro_batch_size=2", "algo.mask_truncated=true"]
+        "trainer.micro_batch_size=2", "algo.mask_truncated=true", "trainer.fused_kernels=true"]
 
 
 def free_port() -> int:
@@ -59,6 +61,7 @@ def test_two_ranks_on_half_the_batch_match_one_process_on_all_of_it(tmp_path, st
     # completion tokens, except under FSDP2
     assert one["module"] == "PackedLogprobs"
     assert two["module"] == {"ddp": "PackedLogprobs", "fsdp2": "GroupLogprobs"}[strategy]
+    assert one["kernels_fell_back"] == two["kernels_fell_back"] == []
     moved = max_param_diff(one["params"], one["initial"])
     diff = max_param_diff(one["params"], two["params"])
     print(f"{strategy}: largest parameter difference {diff:.3g} (the update moved them by up "
