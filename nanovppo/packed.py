@@ -149,13 +149,12 @@ def _attention_probs(scores, mask, scaling: float, groups: int):
     return probs, probs.to(scores.dtype)
 
 
-def _attention_grads(dprobs, probs, mask, scaling: float, groups: int):
+def _attention_scores_grad(dprobs, probs, mask, scaling: float, groups: int):
     """From the gradient ``dprobs`` of ``_attention_probs``' cast probabilities: the raw
-    scores' gradient (softmax's backward, 0 at hidden keys, times ``scaling``) and the cast
-    probabilities again (for v's gradient), both in ``dprobs``' dtype."""
+    scores' gradient (softmax's backward, 0 at hidden keys, times ``scaling``) in
+    ``dprobs``' dtype."""
     dscores = torch._softmax_backward_data(dprobs.float(), probs, -1, torch.float32)
-    dscores = _fill_hidden(dscores.to(dprobs.dtype), mask, groups, 0) * scaling
-    return dscores, probs.to(dprobs.dtype)
+    return _fill_hidden(dscores.to(dprobs.dtype), mask, groups, 0) * scaling
 
 
 class _Attention(torch.autograd.Function):
@@ -186,13 +185,15 @@ class _Attention(torch.autograd.Function):
         scaling, groups = ctx.args
         device, dtype, enabled = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
-            if probs is None:  # recomputed
-                probs, _ = _attention_probs(qg @ k.transpose(-1, -2), mask, scaling, groups)
-            dscores, cast = _attention_grads(dout @ v.transpose(-1, -2), probs, mask, scaling,
-                                             groups)
-            del probs
+            if probs is None:  # recomputed, with their cast
+                probs, cast = _attention_probs(qg @ k.transpose(-1, -2), mask, scaling, groups)
+            else:
+                cast = probs.to(v.dtype)
             dv = cast.transpose(-1, -2) @ dout
             del cast
+            dscores = _attention_scores_grad(dout @ v.transpose(-1, -2), probs, mask, scaling,
+                                             groups)
+            del probs
             return dscores @ k, dscores.transpose(-1, -2) @ qg, dv, None, None, None, None
 
 
